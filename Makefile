@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh machine (see README):
+#   make demo   set up .venv, fetch MNIST, train a small LMT model and certify it
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA_DIR ?= data
+export LIPMARGIN_DATA_DIR ?= $(abspath $(DATA_DIR))
+
+.PHONY: setup data demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The local CPU build of torch; the package itself only declares a range.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+data: setup
+	$(VENV)/bin/lipmargin data fetch --data-dir $(DATA_DIR)
+
+demo: data
+	$(VENV)/bin/lipmargin demo --data-dir $(DATA_DIR)
+
+test: setup
+	$(PY) -m pytest -q -n 2
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,25 @@
+"""Errors a user can act on. The CLI prints their message and exits non-zero, no traceback."""
+
+
+class LipmarginError(Exception):
+    """Base class of every error lipmargin raises on purpose."""
+
+
+class DataError(LipmarginError):
+    """A dataset file is missing, truncated or corrupt."""
+
+
+class UnsupportedOperationError(LipmarginError):
+    """The Lipschitz bound has no rule for an operation (it is never assumed 1-Lipschitz)."""
+
+
+class CheckpointError(LipmarginError):
+    """A checkpoint is missing, corrupt or does not match the model."""
+
+
+class ConfigError(LipmarginError):
+    """A configuration value is invalid."""
+
+
+class InputError(LipmarginError):
+    """Bad input to a public function: wrong shape, NaN, wrong dtype."""
