@@ -1,0 +1,509 @@
+"""``LipschitzBound``: trace a plain ``nn.Module`` with torch.fx and bound its Lipschitz constant.
+
+The bound is built node by node in topological order (paper §5): each node's constant is the
+Lipschitz constant of the map from the network input to that node, obtained by one rule per
+operator family (see ``rules.py``). The same walk runs in three modes:
+
+* ``init``: creates one persistent power-iteration vector per linear map (a buffer ``u_<node>``
+  shaped like the map's actual input, batch 1), like ``torch.nn.utils.parametrizations
+  .spectral_norm`` keeps ``_u``;
+* ``train`` (``forward`` in training mode): ONE power-iteration step per linear map, then the
+  differentiable estimate ``||A u||`` with ``u`` held constant (paper Alg. 1 / Thm. 1);
+* ``certify`` (``certified()``): float64, no grad, deterministic GUARANTEED upper bounds (exact
+  SVD for dense layers, the FFT bound for convolutions), cached until a weight changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..errors import InputError, UnsupportedOperationError
+from . import norms
+from .registry import FUNCTION_RULES, METHOD_RULES, find_module_rule
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+CONV_METHODS = ("fft", "closed_form", "power")
+
+
+@dataclass
+class LayerRow:
+    """One row of the per-layer breakdown.
+
+    ``bound`` is a guaranteed upper bound of the layer's own Lipschitz constant (or, for
+    ``method="power"``, an estimate); ``estimate`` is a power-iteration value (a lower estimate)
+    where the layer is a linear map, else ``None``.
+    """
+
+    name: str
+    kind: str
+    bound: float
+    estimate: float | None = None
+
+
+@dataclass
+class CertifiedBound:
+    """Result of ``LipschitzBound.certified()``.
+
+    ``value``: upper bound of the Lipschitz constant (L2 -> L2) of the whole logit map
+    (use with paper Prop. 1). ``pairwise``: K x K float64 tensor, ``pairwise[t, i]`` an upper
+    bound of the Lipschitz constant of ``F_t - F_i`` (paper Prop. 2 / release), zero diagonal;
+    ``None`` when the network does not end with an ``nn.Linear``. ``guaranteed`` is False only
+    for the comparison method ``conv_method="power"``, whose numbers are estimates.
+    """
+
+    value: float
+    pairwise: torch.Tensor | None
+    layers: list[LayerRow] = field(default_factory=list)
+    conv_method: str = "fft"
+    guaranteed: bool = True
+
+
+class LipmarginTracer(torch.fx.Tracer):
+    """torch.fx tracer that keeps lipmargin's own layers (MaxMin, GroupSort) as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        try:
+            from ..layers import LEAF_MODULES
+        except ImportError:  # pragma: no cover
+            LEAF_MODULES = ()
+        return isinstance(m, LEAF_MODULES) or super().is_leaf_module(m, module_qualified_name)
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs the graph once on an example input and records every node's output kind and shape."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm)
+        self.meta: dict[str, Any] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        self.meta[n.name] = out
+        return out
+
+
+def _shape_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape[1:])
+    if isinstance(value, (tuple, list)) and value and all(
+        isinstance(v, torch.Tensor) for v in value
+    ):
+        return tuple(tuple(v.shape[1:]) for v in value)
+    return None
+
+
+def _node_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), found.append)
+    return found
+
+
+class WalkContext:
+    """What a rule sees: the bound of each argument, modules, shapes and the linear-map hook."""
+
+    def __init__(self, owner: LipschitzBound, mode: str):
+        self.owner = owner
+        self.mode = mode
+        self.bounds: dict[str, torch.Tensor | None] = {}
+        self.rows: list[LayerRow] = []
+        self.dtype = torch.float64 if mode == "certify" else torch.float32
+
+    # -- reading the graph -------------------------------------------------------------
+    def L(self, arg: Any) -> torch.Tensor | None:  # noqa: N802 (the paper's symbol)
+        """Lipschitz bound of an argument w.r.t. the network input; None for constants."""
+        if isinstance(arg, torch.fx.Node):
+            return self.bounds[arg.name]
+        if isinstance(arg, (list, tuple)):
+            raise UnsupportedOperationError("internal: L() of a list; use L_all()")
+        return None
+
+    def L_all(self, args: Sequence[Any]) -> list[torch.Tensor]:  # noqa: N802
+        """Non-constant bounds among ``args`` (a flat sequence, e.g. the list of torch.cat)."""
+        return [b for b in (self.L(a) for a in args) if b is not None]
+
+    def module(self, node: torch.fx.Node) -> nn.Module:
+        return self.owner._graph_module.get_submodule(str(node.target))
+
+    def shape(self, arg: Any) -> tuple[int, ...]:
+        """Shape without the batch dimension of a node's output (from the example run)."""
+        return self.owner._shapes[arg.name]
+
+    def in_shape(self, node: torch.fx.Node, i: int = 0) -> tuple[int, ...]:
+        return self.shape(node.args[i])
+
+    def value(self, arg: Any) -> Any:
+        """Value of a constant argument (a Python value or a tensor not depending on the input)."""
+        if not isinstance(arg, torch.fx.Node):
+            return arg
+        if arg.op == "get_attr":
+            return _getattr_path(self.owner._graph_module, str(arg.target))
+        return self.owner._constants[arg.name]
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """A weight as the mode needs it: live (differentiable) in training, float64 detached
+        when certifying."""
+        if self.mode == "certify":
+            return t.detach().to(torch.float64)
+        return t
+
+    def const(self, x: float) -> torch.Tensor:
+        return torch.tensor(float(x), dtype=self.dtype, device=self.owner._device())
+
+    def fused_bn(self, conv_node: torch.fx.Node) -> torch.fx.Node | None:
+        """The BatchNorm node that consumes this convolution and is folded into it, if any."""
+        return self.owner._fused.get(conv_node.name)
+
+    def bn_scale(self, bn_node: torch.fx.Node) -> torch.Tensor:
+        """Per-channel BN scale ``gamma / sqrt(var + eps)``: batch variance while training
+        (gradients flow into it, paper's choice), running variance otherwise."""
+        bn = self.module(bn_node)
+        var = None
+        if self.mode == "train" and bn.training:
+            var = self.owner._batch_var.pop(bn_node.name, None)
+        if var is None:
+            if bn.running_var is None:
+                raise UnsupportedOperationError(
+                    f"node {bn_node.name!r}: BatchNorm without running statistics "
+                    "(track_running_stats=False) cannot be certified"
+                )
+            var = bn.running_var.detach()
+        var = self.tensor(var) if self.mode == "certify" else var
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(var)
+        return self.tensor(gamma) / torch.sqrt(var + bn.eps)
+
+    # -- linear maps -------------------------------------------------------------------
+    def linear(
+        self,
+        node: torch.fx.Node,
+        kind: str,
+        apply: Callable[[torch.Tensor], torch.Tensor],
+        input_shape: Sequence[int],
+        guaranteed: Callable[[], torch.Tensor],
+    ) -> torch.Tensor:
+        """Operator norm of a linear map ``apply`` on inputs of ``input_shape`` (no batch).
+
+        ``train``: one power-iteration step on the persistent vector, then the differentiable
+        ``||A u||``. ``certify``: ``guaranteed()`` (float64 upper bound), plus a power-iteration
+        estimate for the report. ``init``: creates the vector.
+        """
+        owner = self.owner
+        key = "u_" + node.name
+        if self.mode == "init":
+            g = torch.Generator().manual_seed(owner.seed + len(owner._vector_names))
+            u = torch.randn((1, *input_shape), generator=g)
+            owner.register_buffer(key, u / u.norm())
+            owner._vector_names.append(key)
+            return self.const(1.0)
+        u = getattr(owner, key)
+        if self.mode == "train":
+            if owner.training:
+                u_new, _ = norms.power_iteration(apply, u.to(self.dtype), steps=1)
+                with torch.no_grad():
+                    u.copy_(u_new)
+            return apply(u.to(self.dtype)).norm()
+        # certify
+        _, est = norms.power_iteration(apply, u.to(torch.float64), steps=owner.estimate_steps)
+        if owner.conv_method == "power" and kind.startswith("conv"):
+            bound = est
+        else:
+            bound = guaranteed()
+        self.rows.append(LayerRow(node.name, kind, float(bound), float(est)))
+        return bound
+
+    def record(self, node: torch.fx.Node, kind: str, factor: torch.Tensor | float) -> None:
+        """Add a non-linear-map layer to the per-layer breakdown (certify mode only)."""
+        if self.mode == "certify":
+            self.rows.append(LayerRow(node.name, kind, float(factor), None))
+
+
+def _getattr_path(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class LipschitzBound(nn.Module):
+    """Upper bound of the L2 Lipschitz constant of a plain PyTorch classifier (paper §5).
+
+    Args:
+        model: any ``nn.Module`` traceable by ``torch.fx`` mapping ``(N, *input_shape)`` inputs
+            to ``(N, K)`` logits. It is NOT registered as a submodule: this module's
+            ``state_dict`` holds only the power-iteration vectors.
+        input_shape: shape of one input without the batch dimension, e.g. ``(1, 28, 28)``.
+            Convolution bounds are for this actual input size (paper Thm. 1).
+        conv_method: ``"fft"`` (default; guaranteed, the minimum of the FFT bound and paper
+            Cor. 1), ``"closed_form"`` (paper Cor. 1 only, guaranteed but loose) or ``"power"``
+            (power-iteration ESTIMATE, for comparison only: it can under-estimate, so the result
+            is flagged ``guaranteed=False`` and ``certify`` refuses it).
+        estimate_steps: power-iteration steps for the estimates shown beside guaranteed bounds.
+
+    Calling the module returns a differentiable tensor: a K x K pairwise bound when the network
+    ends with ``nn.Linear`` (or with ``pairwise=False``, a scalar bound of the whole logit map).
+    In training mode each call first makes ONE power-iteration step per linear map. These are
+    estimates used for training; ``certified()`` gives the guaranteed numbers.
+
+    Unknown operations raise ``UnsupportedOperationError`` naming the node: nothing is ever
+    assumed to be 1-Lipschitz.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_shape: Sequence[int],
+        *,
+        conv_method: str = "fft",
+        estimate_steps: int = 20,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if conv_method not in CONV_METHODS:
+            raise InputError(f"conv_method must be one of {CONV_METHODS}, got {conv_method!r}")
+        from . import rules  # noqa: F401  (registers the built-in rules)
+
+        object.__setattr__(self, "model", model)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.conv_method = conv_method
+        self.estimate_steps = int(estimate_steps)
+        self.seed = int(seed)
+        self._vector_names: list[str] = []
+        self._batch_var: dict[str, torch.Tensor] = {}
+        self._cache: tuple[Any, CertifiedBound] | None = None
+
+        try:
+            graph = LipmarginTracer().trace(model)
+        except Exception as exc:  # torch.fx raises many types
+            raise UnsupportedOperationError(
+                f"could not trace the model with torch.fx: {exc}. The bound needs a model "
+                "without data-dependent Python control flow."
+            ) from exc
+        # Not a registered submodule either: the model's weights stay out of our state_dict.
+        object.__setattr__(self, "_graph_module", torch.fx.GraphModule(model, graph))
+        self._record_example()
+        self._find_head()
+        self._find_fusions()
+        self._hooks = [
+            self.module_of(bn.name).register_forward_hook(self._make_bn_hook(bn.name))
+            for bn in self._fused.values()
+        ]
+        self._walk("init")
+
+    # -- set-up ------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def module_of(self, node_name: str) -> nn.Module:
+        node = self._nodes[node_name]
+        return self._graph_module.get_submodule(str(node.target))
+
+    def _record_example(self) -> None:
+        gm = self._graph_module
+        self._nodes = {n.name: n for n in gm.graph.nodes}
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise UnsupportedOperationError(
+                f"the model's forward must take exactly one input, got {len(placeholders)}"
+            )
+        example = torch.zeros((1, *self.input_shape), device=self._device())
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        try:
+            rec = _Recorder(gm)
+            with torch.no_grad():
+                out = rec.run(example)
+        except Exception as exc:
+            raise InputError(
+                f"running the model on an input of shape {tuple(example.shape)} failed: {exc}"
+            ) from exc
+        finally:
+            for m, t in modes.items():
+                m.train(t)
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            raise InputError("the model must return one (N, K) tensor of logits")
+        self.num_classes = int(out.shape[1])
+        self._shapes: dict[str, Any] = {}
+        self._constants: dict[str, Any] = {}
+        self._depends: dict[str, bool] = {}
+        for n in gm.graph.nodes:
+            v = rec.meta.get(n.name)
+            self._shapes[n.name] = _shape_of(v)
+            dep = n.op == "placeholder" or any(self._depends[a.name] for a in _node_args(n))
+            # A non-tensor result (x.size(0), shapes) carries no input values: a constant.
+            if _shape_of(v) is None and n.op != "output":
+                dep = False
+            self._depends[n.name] = dep
+            if not dep:
+                self._constants[n.name] = v
+
+    def _find_head(self) -> None:
+        out = next(n for n in self._graph_module.graph.nodes if n.op == "output")
+        arg = out.args[0]
+        self._head: torch.fx.Node | None = None
+        if (
+            isinstance(arg, torch.fx.Node)
+            and arg.op == "call_module"
+            and isinstance(self._graph_module.get_submodule(str(arg.target)), nn.Linear)
+            and len(arg.users) == 1
+        ):
+            self._head = arg
+
+    def _find_fusions(self) -> None:
+        self._fused: dict[str, torch.fx.Node] = {}
+        for n in self._graph_module.graph.nodes:
+            if n.op != "call_module":
+                continue
+            m = self._graph_module.get_submodule(str(n.target))
+            if not isinstance(m, _BN_TYPES):
+                continue
+            src = n.args[0]
+            if (
+                isinstance(src, torch.fx.Node)
+                and src.op == "call_module"
+                and isinstance(self._graph_module.get_submodule(str(src.target)), _CONV_TYPES)
+                and len(src.users) == 1
+            ):
+                self._fused[src.name] = n
+
+    def _make_bn_hook(self, bn_name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+            if module.training and torch.is_grad_enabled():
+                x = inputs[0]
+                dims = [d for d in range(x.dim()) if d != 1]
+                self._batch_var[bn_name] = x.var(dim=dims, unbiased=False)
+
+        return hook
+
+    # -- the walk ----------------------------------------------------------------------
+    def _walk(self, mode: str, pairwise: bool = True) -> tuple[WalkContext, Any]:
+        ctx = WalkContext(self, mode)
+        result: Any = None
+        for node in self._graph_module.graph.nodes:
+            if node.op == "output":
+                result = self._output(ctx, node, pairwise)
+                break
+            if not self._depends[node.name]:
+                ctx.bounds[node.name] = None
+                continue
+            if node.op == "placeholder":
+                ctx.bounds[node.name] = ctx.const(1.0)
+                continue
+            if node is self._head and pairwise and mode == "train":
+                ctx.bounds[node.name] = None  # handled per class pair at the output
+                continue
+            ctx.bounds[node.name] = self._rule_for(node)(ctx, node)
+        return ctx, result
+
+    def _rule_for(self, node: torch.fx.Node) -> Callable[[WalkContext, torch.fx.Node], Any]:
+        rule = None
+        what = ""
+        if node.op == "call_module":
+            m = self._graph_module.get_submodule(str(node.target))
+            rule = find_module_rule(m)
+            what = f"module {type(m).__module__}.{type(m).__qualname__}"
+        elif node.op == "call_function":
+            rule = FUNCTION_RULES.get(node.target)
+            what = f"function {getattr(node.target, '__name__', node.target)}"
+        elif node.op == "call_method":
+            rule = METHOD_RULES.get(str(node.target))
+            what = f"method .{node.target}()"
+        if rule is None:
+            raise UnsupportedOperationError(
+                f"no Lipschitz rule for graph node {node.name!r} ({node.op}: {what}). "
+                "lipmargin never assumes an unknown operation is 1-Lipschitz. If the operation "
+                "is globally Lipschitz, register a rule with lipmargin.bounds.register_module / "
+                "register_function / register_method; see README 'Supported operations'."
+            )
+        return rule
+
+    def _output(self, ctx: WalkContext, node: torch.fx.Node, pairwise: bool) -> Any:
+        arg = node.args[0]
+        head = self._head
+        if pairwise and head is not None and arg is head:
+            lin = self._graph_module.get_submodule(str(head.target))
+            l_in = ctx.L(head.args[0])
+            if l_in is None:
+                raise UnsupportedOperationError("the logits do not depend on the input")
+            w = ctx.tensor(lin.weight)
+            diff = w[:, None, :] - w[None, :, :]
+            dist = _safe_norm(diff)
+            if ctx.mode == "certify":
+                dist = dist * (1.0 + norms.FLOAT64_SLACK)
+            return l_in * dist, ctx.L(arg)
+        return ctx.L(arg), None
+
+    # -- public API --------------------------------------------------------------------
+    @property
+    def has_pairwise(self) -> bool:
+        """True when the network ends with ``nn.Linear`` (paper Prop. 2 applies)."""
+        return self._head is not None
+
+    def forward(self, pairwise: bool | None = None) -> torch.Tensor:
+        """Differentiable bound ESTIMATE for training (paper Alg. 1).
+
+        Returns K x K ``K[t, i]`` (Prop. 2) when the net ends with ``nn.Linear`` and
+        ``pairwise`` is not False, else a scalar bound of the whole logit map (Prop. 1).
+        In training mode, first makes one power-iteration step per linear map.
+        """
+        use_pairwise = self.has_pairwise if pairwise is None else bool(pairwise)
+        if use_pairwise and not self.has_pairwise:
+            raise InputError("pairwise bounds need a network whose last layer is nn.Linear")
+        _, (first, _) = self._walk("train", pairwise=use_pairwise)
+        return first
+
+    def _weights_key(self) -> tuple[Any, ...]:
+        items = list(self.model.parameters()) + list(self.model.buffers())
+        return (self.conv_method,) + tuple((id(t), t._version, t.data_ptr()) for t in items)
+
+    def certified(self) -> CertifiedBound:
+        """GUARANTEED upper bounds (float64, no grad, deterministic), cached until weights change.
+
+        The model is bounded as it computes in evaluation mode (running BatchNorm statistics,
+        dropout as identity). Every operator norm is a guaranteed bound inflated by
+        ``FLOAT64_SLACK`` for float64 rounding, except with ``conv_method="power"``.
+        """
+        key = self._weights_key()
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        with torch.no_grad():
+            ctx, (pair, value) = self._walk("certify", pairwise=True)
+        if self._head is None:
+            value, pair = pair, None
+        if value is None or not torch.isfinite(value):
+            raise UnsupportedOperationError("the bound is not finite")
+        if pair is not None:
+            pair = pair.detach().to(torch.float64).cpu()
+            pair.fill_diagonal_(0.0)
+        result = CertifiedBound(
+            value=float(value),
+            pairwise=pair,
+            layers=ctx.rows,
+            conv_method=self.conv_method,
+            guaranteed=self.conv_method != "power",
+        )
+        self._cache = (key, result)
+        return result
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_shape={self.input_shape}, linear_maps={len(self._vector_names)}, "
+            f"pairwise={self.has_pairwise}, conv_method={self.conv_method!r}"
+        )
+
+
+def _safe_norm(diff: torch.Tensor) -> torch.Tensor:
+    """Row-pair distances ``||w_t - w_i||`` with a zero (not NaN) gradient on the diagonal."""
+    sq = (diff * diff).sum(-1)
+    eye = torch.eye(sq.shape[0], dtype=torch.bool, device=sq.device)
+    safe = torch.where(eye, torch.ones_like(sq), sq)
+    return torch.where(eye, torch.zeros_like(sq), torch.sqrt(safe))
+
