@@ -24,6 +24,7 @@ import torch.fx
 from torch import nn
 
 from ..errors import InputError, UnsupportedOperationError
+from ..layers import LipmarginTracer
 from . import norms
 from .registry import FUNCTION_RULES, METHOD_RULES, find_module_rule
 
@@ -66,17 +67,6 @@ class CertifiedBound:
     guaranteed: bool = True
 
 
-class LipmarginTracer(torch.fx.Tracer):
-    """torch.fx tracer that keeps lipmargin's own layers (MaxMin, GroupSort) as leaves."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        try:
-            from ..layers import LEAF_MODULES
-        except ImportError:  # pragma: no cover
-            LEAF_MODULES = ()
-        return isinstance(m, LEAF_MODULES) or super().is_leaf_module(m, module_qualified_name)
-
-
 class _Recorder(torch.fx.Interpreter):
     """Runs the graph once on an example input and records every node's output kind and shape."""
 
@@ -114,6 +104,7 @@ class WalkContext:
         self.mode = mode
         self.bounds: dict[str, torch.Tensor | None] = {}
         self.rows: list[LayerRow] = []
+        self.sigmas: dict[str, torch.Tensor] = {}
         self.dtype = torch.float64 if mode == "certify" else torch.float32
 
     # -- reading the graph -------------------------------------------------------------
@@ -208,7 +199,9 @@ class WalkContext:
                 u_new, _ = norms.power_iteration(apply, u.to(self.dtype), steps=1)
                 with torch.no_grad():
                     u.copy_(u_new)
-            return apply(u.to(self.dtype)).norm()
+            sigma = apply(u.to(self.dtype)).norm()
+            self.sigmas[node.name] = sigma
+            return sigma
         # certify
         _, est = norms.power_iteration(apply, u.to(torch.float64), steps=owner.estimate_steps)
         if owner.conv_method == "power" and kind.startswith("conv"):
@@ -457,7 +450,9 @@ class LipschitzBound(nn.Module):
         use_pairwise = self.has_pairwise if pairwise is None else bool(pairwise)
         if use_pairwise and not self.has_pairwise:
             raise InputError("pairwise bounds need a network whose last layer is nn.Linear")
-        _, (first, _) = self._walk("train", pairwise=use_pairwise)
+        ctx, (first, _) = self._walk("train", pairwise=use_pairwise)
+        #: the differentiable per-layer power-iteration sigmas of this call (for baselines)
+        self.last_sigmas = ctx.sigmas
         return first
 
     def _weights_key(self) -> tuple[Any, ...]:

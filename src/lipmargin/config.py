@@ -1,0 +1,114 @@
+"""Training configuration as plain data: a TOML file plus ``--set key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+METHODS = ("lmt", "plain", "weight_decay", "snr", "parseval", "adversarial")
+OPTIMIZERS = ("adam", "sgd", "nesterov")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run. Defaults are the paper's MNIST set-up (Sec. 6.1)."""
+
+    name: str = "mnist-lmt"
+    dataset: str = "mnist"
+    model: str = "wong_kolter"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    method: str = "lmt"
+    # LMT (paper Alg. 1): c constant, or linear warm-up c0 -> c over c_warmup_epochs.
+    c: float = 1.0
+    c0: float | None = None
+    c_warmup_epochs: float = 0.0
+    lmt_form: str = "pairwise"  # "pairwise" (Prop. 2) or "global" (Prop. 1)
+    release_factor: bool = True
+    # baselines
+    weight_decay: float = 0.0
+    snr_lambda: float = 0.01
+    parseval_beta: float = 1e-4
+    adv_eps: float = 1.0
+    adv_steps: int = 10
+    # optimisation
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
+    epochs: int = 20
+    batch_size: int = 50
+    train_subset: int | None = None
+    # evaluation each epoch, on held-out test points
+    eval_eps: float = 1.58
+    eval_n: int = 1000
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> TrainConfig:
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lmt_form not in ("pairwise", "global"):
+            raise ConfigError(f"lmt_form must be 'pairwise' or 'global', got {self.lmt_form!r}")
+        for key in ("lr", "c", "epochs", "batch_size", "eval_n", "eval_eps"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{key} must be a non-negative number, got {value!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs and batch_size must be at least 1")
+        if self.train_subset is not None and self.train_subset < 1:
+            raise ConfigError("train_subset must be at least 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a TOML config (or the defaults) and apply ``key=value`` overrides (JSON values)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML in {p}: {exc}") from exc
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        data[key.strip()] = _parse_value(value.strip())
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+    try:
+        cfg = TrainConfig(**data)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc
+    for key in ("lr", "c", "weight_decay", "eval_eps", "lr_gamma", "momentum"):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+    return cfg.validate()
