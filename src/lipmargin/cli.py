@@ -131,6 +131,72 @@ def cmd_certify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _points(args: argparse.Namespace, dataset: str):
+    from .data import load_dataset
+
+    x, y = load_dataset(dataset, args.split, args.data_dir)
+    return x[: args.n], y[: args.n]
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .audit import audit
+    from .certify import batches
+
+    model, bound, dataset = _load_for_certify(args)
+    x, y = _points(args, dataset)
+    total = (x.shape[0] + args.batch_size - 1) // args.batch_size
+    it = tqdm(batches(x, y, args.batch_size), total=total, desc="audit", leave=False)
+    cert = bound.certified()
+    if args.scale_bound != 1.0:  # deliberately unsound, to show that the audit can fail
+        from dataclasses import replace
+
+        pair = None if cert.pairwise is None else cert.pairwise * args.scale_bound
+        cert = replace(cert, value=cert.value * args.scale_bound, pairwise=pair)
+        print(f"WARNING: bound scaled by {args.scale_bound}: certificates may be false")
+    result = audit(model, cert, it, pgd_steps=args.pgd_steps, use_cw=not args.no_cw)
+    print(f"audited {result.n} points, {result.n_certified} certified")
+    print(
+        "largest input-gradient norm / certified pairwise bound: "
+        f"max {result.gradient_ratio_max:.4f}, median {result.gradient_ratio_median:.4f} "
+        "(must be <= 1)"
+    )
+    for b in result.broken[:20]:
+        print(
+            f"  BROKEN point {b['index']}: {b['attack']} found a perturbation of norm "
+            f"{b['perturbation_norm']:.5f} inside the certified radius {b['radius']:.5f}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+    if result.ok:
+        print("zero broken certificates")
+        return 0
+    print(f"{len(result.broken)} broken certificates", file=sys.stderr)
+    return 1
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .audit import PAPER_RATIOS, tightness
+
+    model, bound, dataset = _load_for_certify(args)
+    x, y = _points(args, dataset)
+    res = tightness(model, bound, x, y)
+    ratios = res.ratios()
+    med = res.medians()
+    print(f"tightness analysis (paper Fig. 4) on {ratios['points']} certified test points")
+    print(f"  medians: A {med['A']:.4f}  B {med['B']:.4f}  C {med['C']:.4f}  D {med['D']:.4f}")
+    print(f"  {'ratio':6s} {'measured':>9s} {'paper unreg.':>13s} {'paper LMT':>10s}")
+    for key in ("B/A", "C/B", "D/C"):
+        print(
+            f"  {key:6s} {ratios[key]:9.3f} {PAPER_RATIOS['unregularised'][key]:13.2f} "
+            f"{PAPER_RATIOS['lmt'][key]:10.2f}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ratios": ratios, "medians": med}, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train the Wong-Kolter net with LMT on MNIST for a short run and certify it."""
     from .certify import batches, evaluate
@@ -196,6 +262,28 @@ def build_parser() -> argparse.ArgumentParser:
     p_cert.add_argument("--layers", action="store_true", help="print the per-layer bounds")
     _add_data_dir(p_cert)
     p_cert.set_defaults(func=cmd_certify)
+
+    for name, helptext, func in (
+        ("audit", "attack every certified point inside its radius", cmd_audit),
+        ("analyze", "the paper's tightness analysis (Fig. 4)", cmd_analyze),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("target", help="run folder, checkpoint, or path/to/file.py:factory")
+        p.add_argument("--dataset", help="dataset (default: the run's)")
+        p.add_argument("--weights", help="weights for a file.py:factory model")
+        p.add_argument("--split", default="test")
+        p.add_argument("--n", type=int, default=1000, help="first N test points")
+        p.add_argument("--batch-size", type=int, default=250)
+        p.add_argument("--json", help="write the results to this JSON file")
+        if name == "audit":
+            p.add_argument("--pgd-steps", type=int, default=50)
+            p.add_argument("--no-cw", action="store_true", help="PGD only (faster)")
+            p.add_argument(
+                "--scale-bound", type=float, default=1.0,
+                help="multiply the bound (values < 1 make it unsound: for testing the audit)",
+            )
+        _add_data_dir(p)
+        p.set_defaults(func=func)
 
     p_demo = sub.add_parser("demo", help="short LMT run on MNIST, then certify it")
     p_demo.add_argument("--epochs", type=int, default=2)

@@ -212,7 +212,7 @@ def train(
                 for buf in bound.buffers():
                     dist.broadcast(buf, 0)
             step += 1
-            total_loss += float(loss) * yb.shape[0]
+            total_loss += float(loss.detach()) * yb.shape[0]
             total_correct += int((logits.argmax(1) == yb).sum())
             seen += yb.shape[0]
             if i % 20 == 0:

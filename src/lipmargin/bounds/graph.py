@@ -178,12 +178,16 @@ class WalkContext:
         apply: Callable[[torch.Tensor], torch.Tensor],
         input_shape: Sequence[int],
         guaranteed: Callable[[], torch.Tensor],
+        adjoint: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Operator norm of a linear map ``apply`` on inputs of ``input_shape`` (no batch).
 
-        ``train``: one power-iteration step on the persistent vector, then the differentiable
-        ``||A u||``. ``certify``: ``guaranteed()`` (float64 upper bound), plus a power-iteration
-        estimate for the report. ``init``: creates the vector.
+        ``train``: the differentiable estimate ``sigma = ||A u||`` with the persistent unit
+        vector ``u`` held constant, then (in training mode) ONE power-iteration step
+        ``u <- A^T A u / ||A^T A u||`` reusing ``A u`` (paper Alg. 1 / Thm. 1), so a step costs
+        one application of ``A`` and one of ``A^T`` (``adjoint``, or autograd without one).
+        ``certify``: ``guaranteed()`` (a float64 upper bound), plus a power-iteration estimate
+        for the report. ``init``: creates the vector.
         """
         owner = self.owner
         key = "u_" + node.name
@@ -195,12 +199,16 @@ class WalkContext:
             return self.const(1.0)
         u = getattr(owner, key)
         if self.mode == "train":
-            if owner.training:
-                u_new, _ = norms.power_iteration(apply, u.to(self.dtype), steps=1)
-                with torch.no_grad():
-                    u.copy_(u_new)
-            sigma = apply(u.to(self.dtype)).norm()
+            v = apply(u.to(self.dtype).clone())
+            sigma = v.norm()
             self.sigmas[node.name] = sigma
+            if owner.training:
+                with torch.no_grad():
+                    vd = v.detach()
+                    w = adjoint(vd) if adjoint is not None else norms.transpose_apply(apply, u, vd)
+                    n = w.norm()
+                    if torch.isfinite(n) and n > 1e-12:
+                        u.copy_(w / n)
             return sigma
         # certify
         _, est = norms.power_iteration(apply, u.to(torch.float64), steps=owner.estimate_steps)

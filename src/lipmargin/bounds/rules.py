@@ -499,7 +499,39 @@ def _conv_norm(
         fft = norms.conv_fft_bound(weight, input_shape[1:], **params)
         return torch.minimum(fft, closed)
 
-    return ctx.linear(key_node, kind, apply, input_shape, guaranteed)
+    adjoint = _conv_adjoint(weight, params, input_shape)
+    return ctx.linear(key_node, kind, apply, input_shape, guaranteed, adjoint)
+
+
+_CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _conv_adjoint(weight: torch.Tensor, params: dict[str, Any], input_shape: tuple[int, ...]):
+    """``A^T`` of a zero-padded convolution as a transposed convolution (cheaper than autograd),
+    or None where padding is asymmetric (then autograd supplies the transpose)."""
+    nsp = weight.dim() - 2
+    kernel = tuple(weight.shape[2:])
+    stride = norms._as_tuple(params["stride"], nsp)
+    dil = norms._as_tuple(params["dilation"], nsp)
+    pads = norms.conv_padding(params["padding"], kernel, dil, stride)
+    if any(a != b for a, b in pads):
+        return None
+    pad = tuple(a for a, _ in pads)
+    size = input_shape[1:]
+    outs = [
+        (h + 2 * p - d * (k - 1) - 1) // s + 1
+        for h, p, d, k, s in zip(size, pad, dil, kernel, stride, strict=True)
+    ]
+    extra = tuple(
+        h - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
+        for h, o, p, d, k, s in zip(size, outs, pad, dil, kernel, stride, strict=True)
+    )
+    conv_t = _CONV_T_FN[nsp]
+
+    def adjoint(v: torch.Tensor) -> torch.Tensor:
+        return conv_t(v, weight, None, stride, pad, extra, params["groups"], dil)
+
+    return adjoint
 
 
 def _conv_params(m: nn.Module, node: Node) -> dict[str, Any]:
@@ -554,6 +586,7 @@ def linear(ctx: WalkContext, node: Node) -> torch.Tensor:
         lambda u: F.linear(u, w),
         ctx.in_shape(node),
         lambda: norms.spectral_norm_exact(w),
+        lambda v: v @ w,
     )
 
 
