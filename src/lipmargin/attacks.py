@@ -387,6 +387,30 @@ def pgd_l2(
 # ------------------------------------------------------------------------ Carlini-Wagner
 
 
+class _Adam:
+    """Adam (Kingma & Ba 2015) on one tensor, elementwise, as in ``torch.optim.Adam``.
+
+    Elementwise updates keep the examples of a batch independent of each other.
+    """
+
+    def __init__(self, like: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999)):
+        self.lr = lr
+        self.b1, self.b2 = betas
+        self.eps = 1e-8
+        self.t = 0
+        self.m = torch.zeros_like(like)
+        self.v = torch.zeros_like(like)
+
+    def step(self, w: Tensor, g: Tensor) -> Tensor:
+        """Return the updated parameter (``w`` itself is not modified)."""
+        self.t += 1
+        self.m.mul_(self.b1).add_(g, alpha=1.0 - self.b1)
+        self.v.mul_(self.b2).addcmul_(g, g, value=1.0 - self.b2)
+        step = self.lr / (1.0 - self.b1**self.t)
+        denom = (self.v / (1.0 - self.b2**self.t)).sqrt_().add_(self.eps)
+        return w - step * self.m / denom
+
+
 def cw_l2(
     model: nn.Module,
     x: Tensor,
@@ -458,35 +482,34 @@ def cw_l2(
         check_every = max(steps // 10, 1)
 
         for _ in range(binary_steps):
-            w = w0.clone().requires_grad_(True)
-            opt = torch.optim.Adam([w], lr=lr_f)
+            w = w0.clone()
+            adam = _Adam(w, lr_f)
             found = torch.zeros(n, dtype=torch.bool, device=xs.device)
             prev = math.inf
             for t in range(steps):
+                w.requires_grad_(True)
                 x_adv = to_input(w)
                 logits = model(x_adv)
                 l2sq = (x_adv - xs).flatten(1).pow(2).sum(dim=1)
                 m = margin(logits, ys)
-                f = torch.clamp(-m, min=-kappa)
-                total = (l2sq + const * f).sum()
+                total = (l2sq + const * torch.clamp(-m, min=-kappa)).sum()
+                (g,) = torch.autograd.grad(total, w)
                 with torch.no_grad():
-                    shifted = logits.detach().clone()
-                    shifted.scatter_add_(1, ys[:, None], torch.full_like(shifted[:, :1], kappa))
-                    ok = shifted.argmax(dim=1) != ys
-                    l2 = l2sq.detach().sqrt()
+                    if kappa == 0.0:
+                        ok = logits.argmax(dim=1) != ys
+                    else:
+                        ok = m > kappa
+                    l2 = l2sq.sqrt()
                     improved = ok & (l2 < best_l2)
                     best_l2 = torch.where(improved, l2, best_l2)
-                    best = torch.where(_per_row(improved, xs), x_adv.detach(), best)
+                    best = torch.where(_per_row(improved, xs), x_adv, best)
                     found |= ok
-                if abort_early and t % check_every == 0:
-                    current = float(total.detach())
-                    if current > prev * 0.9999:
-                        break
-                    prev = current
-                opt.zero_grad(set_to_none=True)
-                (g,) = torch.autograd.grad(total, w)
-                w.grad = g
-                opt.step()
+                    if abort_early and t % check_every == 0:
+                        current = float(total)
+                        if current > prev * 0.9999:
+                            break
+                        prev = current
+                    w = adam.step(w.detach(), g)
             with torch.no_grad():
                 upper = torch.where(found, torch.minimum(upper, const), upper)
                 lower = torch.where(found, lower, torch.maximum(lower, const))

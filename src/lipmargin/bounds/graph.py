@@ -90,6 +90,15 @@ def _shape_of(value: Any) -> Any:
     return None
 
 
+def _reads_shape(node: torch.fx.Node) -> bool:
+    """True for operations that read only the shape of a tensor."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim", "numel")
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("shape", "ndim")
+    return False
+
+
 def _node_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     found: list[torch.fx.Node] = []
     torch.fx.node.map_arg((node.args, node.kwargs), found.append)
@@ -105,6 +114,7 @@ class WalkContext:
         self.bounds: dict[str, torch.Tensor | None] = {}
         self.rows: list[LayerRow] = []
         self.sigmas: dict[str, torch.Tensor] = {}
+        self.consts: dict[str, Any] = {}
         self.dtype = torch.float64 if mode == "certify" else torch.float32
 
     # -- reading the graph -------------------------------------------------------------
@@ -134,9 +144,7 @@ class WalkContext:
         """Value of a constant argument (a Python value or a tensor not depending on the input)."""
         if not isinstance(arg, torch.fx.Node):
             return arg
-        if arg.op == "get_attr":
-            return _getattr_path(self.owner._graph_module, str(arg.target))
-        return self.owner._constants[arg.name]
+        return self.consts[arg.name]
 
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
         """A weight as the mode needs it: live (differentiable) in training, float64 detached
@@ -335,13 +343,19 @@ class LipschitzBound(nn.Module):
         self._shapes: dict[str, Any] = {}
         self._constants: dict[str, Any] = {}
         self._depends: dict[str, bool] = {}
+        shape_nodes: set[str] = set()
         for n in gm.graph.nodes:
             v = rec.meta.get(n.name)
             self._shapes[n.name] = _shape_of(v)
-            dep = n.op == "placeholder" or any(self._depends[a.name] for a in _node_args(n))
-            # A non-tensor result (x.size(0), shapes) carries no input values: a constant.
-            if _shape_of(v) is None and n.op != "output":
-                dep = False
+            dep_args = [a for a in _node_args(n) if self._depends[a.name]]
+            dep = n.op == "placeholder" or bool(dep_args)
+            # Shape metadata (x.size(0), x.shape[1:], arithmetic on them) carries no input
+            # values: a constant. Any other value read out of the input (x.item(), x.tolist())
+            # stays input-dependent and meets "no rule".
+            if dep and n.op != "output" and _shape_of(v) is None:
+                if _reads_shape(n) or all(a.name in shape_nodes for a in dep_args):
+                    shape_nodes.add(n.name)
+                    dep = False
             self._depends[n.name] = dep
             if not dep:
                 self._constants[n.name] = v
@@ -394,6 +408,7 @@ class LipschitzBound(nn.Module):
                 break
             if not self._depends[node.name]:
                 ctx.bounds[node.name] = None
+                ctx.consts[node.name] = self._constant_value(ctx, node)
                 continue
             if node.op == "placeholder":
                 ctx.bounds[node.name] = ctx.const(1.0)
@@ -403,6 +418,23 @@ class LipschitzBound(nn.Module):
                 continue
             ctx.bounds[node.name] = self._rule_for(node)(ctx, node)
         return ctx, result
+
+    def _constant_value(self, ctx: WalkContext, node: torch.fx.Node) -> Any:
+        """Value of a node that does not depend on the input's values, computed afresh from the
+        current weights (never a stale copy); shape-derived values come from the example run."""
+        if node.op == "get_attr":
+            return _getattr_path(self._graph_module, str(node.target))
+        args = _node_args(node)
+        if any(self._depends[a.name] for a in args) or node.op == "placeholder":
+            return self._constants[node.name]
+        a, kw = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: ctx.consts[n.name])
+        if node.op == "call_function":
+            return node.target(*a, **kw)
+        if node.op == "call_method":
+            return getattr(a[0], str(node.target))(*a[1:], **kw)
+        if node.op == "call_module":
+            return self._graph_module.get_submodule(str(node.target))(*a, **kw)
+        return self._constants[node.name]
 
     def _rule_for(self, node: torch.fx.Node) -> Callable[[WalkContext, torch.fx.Node], Any]:
         rule = None

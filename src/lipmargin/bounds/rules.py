@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
@@ -25,13 +26,25 @@ from .registry import register_function, register_method, register_module
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def _args(node: Node, names: Sequence[str], defaults: dict[str, Any]) -> dict[str, Any]:
-    """Positional and keyword arguments of a call node, by parameter name."""
+def _args(
+    ctx: WalkContext, node: Node, names: Sequence[str], defaults: dict[str, Any]
+) -> dict[str, Any]:
+    """Positional and keyword arguments of a call node, by parameter name. Arguments computed
+    from constants (e.g. ``x.shape[2:]``) are replaced by their values; an unexpected extra
+    positional argument is refused rather than ignored."""
+    if len(node.args) > len(names):
+        raise UnsupportedOperationError(
+            f"node {node.name!r}: {len(node.args)} positional arguments, the rule knows {names}"
+        )
     out = dict(defaults)
     for name, value in zip(names, node.args, strict=False):
         out[name] = value
     out.update(node.kwargs)
-    return out
+
+    def resolve(a: Node) -> Any:
+        return a if ctx.L(a) is not None else ctx.value(a)
+
+    return {k: torch.fx.node.map_arg(v, resolve) for k, v in out.items()}
 
 
 def _first(ctx: WalkContext, node: Node) -> torch.Tensor:
@@ -110,7 +123,7 @@ register_method(
 def pad(ctx: WalkContext, node: Node) -> torch.Tensor:
     """Constant (zero) padding embeds the input: 1-Lipschitz. Reflect/replicate padding
     duplicates entries and is refused."""
-    a = _args(node, ["input", "pad", "mode", "value"], {"mode": "constant"})
+    a = _args(ctx, node, ["input", "pad", "mode", "value"], {"mode": "constant"})
     if a["mode"] != "constant":
         raise UnsupportedOperationError(
             f"node {node.name!r}: F.pad mode {a['mode']!r} has no rule (only constant padding)"
@@ -172,7 +185,7 @@ def gelu_module(ctx: WalkContext, node: Node) -> torch.Tensor:
 
 @register_function(F.gelu)
 def gelu_function(ctx: WalkContext, node: Node) -> torch.Tensor:
-    f = _gelu_factor(_args(node, ["input", "approximate"], {"approximate": "none"})["approximate"])
+    f = _gelu_factor(_args(ctx, node, ["input", "approximate"], {"approximate": "none"})["approximate"])
     ctx.record(node, "gelu", f)
     return _first(ctx, node) * f
 
@@ -189,7 +202,7 @@ def leaky_relu_module(ctx: WalkContext, node: Node) -> torch.Tensor:
 
 @register_function(F.leaky_relu)
 def leaky_relu_function(ctx: WalkContext, node: Node) -> torch.Tensor:
-    slope = _args(node, ["input", "negative_slope"], {"negative_slope": 0.01})["negative_slope"]
+    slope = _args(ctx, node, ["input", "negative_slope"], {"negative_slope": 0.01})["negative_slope"]
     return _first(ctx, node) * max(1.0, abs(float(slope)))
 
 
@@ -201,7 +214,7 @@ def elu_module(ctx: WalkContext, node: Node) -> torch.Tensor:
 
 @register_function(F.elu)
 def elu_function(ctx: WalkContext, node: Node) -> torch.Tensor:
-    alpha = _args(node, ["input", "alpha"], {"alpha": 1.0})["alpha"]
+    alpha = _args(ctx, node, ["input", "alpha"], {"alpha": 1.0})["alpha"]
     return _first(ctx, node) * max(1.0, abs(float(alpha)))
 
 
@@ -266,7 +279,7 @@ def _abs_min(value: Any) -> float:
 @register_method("add", "sub")
 def add(ctx: WalkContext, node: Node) -> torch.Tensor:
     """Residual connection / shift: ``L(a + alpha b) <= L(a) + |alpha| L(b)`` (paper §5)."""
-    a = _args(node, ["input", "other", "alpha"], {"alpha": 1})
+    a = _args(ctx, node, ["input", "other", "alpha"], {"alpha": 1})
     parts = []
     la, lb = ctx.L(a["input"]), ctx.L(a["other"])
     if la is not None:
@@ -321,7 +334,7 @@ def cat(ctx: WalkContext, node: Node) -> torch.Tensor:
 
 
 def _reduced_count(ctx: WalkContext, node: Node) -> int:
-    a = _args(node, ["input", "dim", "keepdim"], {"dim": None})
+    a = _args(ctx, node, ["input", "dim", "keepdim"], {"dim": None})
     shape = ctx.shape(a["input"])
     dim = a["dim"]
     if dim is None:
@@ -392,8 +405,8 @@ def max_pool_module(ctx: WalkContext, node: Node) -> torch.Tensor:
 
 @register_function(F.max_pool1d, F.max_pool2d, F.max_pool3d)
 def max_pool_function(ctx: WalkContext, node: Node) -> torch.Tensor:
-    names = ["input", "kernel_size", "stride", "padding", "dilation"]
-    return _max_pool(ctx, node, _args(node, names, {"stride": None, "dilation": 1}))
+    names = ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
+    return _max_pool(ctx, node, _args(ctx, node, names, {"stride": None, "dilation": 1}))
 
 
 def adaptive_windows(size: int, out: int) -> int:
@@ -446,8 +459,10 @@ def avg_pool_module(ctx: WalkContext, node: Node) -> torch.Tensor:
 
 @register_function(F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
 def avg_pool_function(ctx: WalkContext, node: Node) -> torch.Tensor:
-    rest = dict(zip(["kernel_size", "stride", "padding", "ceil_mode"], node.args[1:], strict=False))
-    rest.update(node.kwargs)
+    names = ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"]
+    names += ["divisor_override"] if node.target is not F.avg_pool1d else []
+    rest = _args(ctx, node, names, {})
+    rest.pop("input")
     fn = node.target
     return _schur_pool(ctx, node, lambda u: fn(u, **rest))
 
@@ -468,7 +483,7 @@ def adaptive_avg_pool_module(ctx: WalkContext, node: Node) -> torch.Tensor:
 
 @register_function(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
 def adaptive_avg_pool_function(ctx: WalkContext, node: Node) -> torch.Tensor:
-    size = _args(node, ["input", "output_size"], {})["output_size"]
+    size = _args(ctx, node, ["input", "output_size"], {})["output_size"]
     fn = node.target
     return _schur_pool(ctx, node, lambda u: fn(u, size))
 
@@ -592,7 +607,7 @@ def linear(ctx: WalkContext, node: Node) -> torch.Tensor:
 
 @register_function(F.linear)
 def linear_function(ctx: WalkContext, node: Node) -> torch.Tensor:
-    a = _args(node, ["input", "weight", "bias"], {})
+    a = _args(ctx, node, ["input", "weight", "bias"], {})
     if ctx.L(a["weight"]) is not None:
         raise UnsupportedOperationError(f"node {node.name!r}: weight depends on the input")
     w = ctx.tensor(ctx.value(a["weight"]))
@@ -608,7 +623,7 @@ def linear_function(ctx: WalkContext, node: Node) -> torch.Tensor:
 @register_function(F.conv1d, F.conv2d, F.conv3d)
 def conv_function(ctx: WalkContext, node: Node) -> torch.Tensor:
     names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
-    a = _args(node, names, {"stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+    a = _args(ctx, node, names, {"stride": 1, "padding": 0, "dilation": 1, "groups": 1})
     if ctx.L(a["weight"]) is not None:
         raise UnsupportedOperationError(f"node {node.name!r}: weight depends on the input")
     w = ctx.tensor(ctx.value(a["weight"]))

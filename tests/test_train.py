@@ -1,0 +1,378 @@
+"""The training loop on a tiny fake MNIST written in tmp_path (real IDX files, learnable
+pattern): run folder contents, resume, every method, errors, and DDP against one process."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lipmargin.certify import batches, evaluate
+from lipmargin.checkpoint import load_checkpoint
+from lipmargin.config import config_from_dict, load_config
+from lipmargin.data import load_dataset
+from lipmargin.errors import CheckpointError, ConfigError
+from lipmargin.train import load_run, train
+
+REPO = Path(__file__).resolve().parents[1]
+LOG_KEYS = {
+    "epoch",
+    "step",
+    "loss",
+    "train_accuracy",
+    "clean_accuracy",
+    "certified_accuracy",
+    "eval_eps",
+    "median_radius",
+    "bound",
+    "c",
+    "lr",
+    "seconds",
+}
+
+
+# --------------------------------------------------------------------------- fake MNIST
+
+
+def _idx(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_fake_mnist(root: Path, n_train: int = 200, n_test: int = 100, seed: int = 0) -> Path:
+    """MNIST-shaped IDX files: class k is a bright 8x4 block at a place that depends on k,
+    over uniform noise, so a few steps of training already learn something."""
+    rng = np.random.default_rng(seed)
+    folder = root / "mnist"
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for j, k in enumerate(labels):
+            r, c = divmod(int(k), 5)
+            images[j, 4 + 10 * r : 12 + 10 * r, 2 + 5 * c : 6 + 5 * c] = 230
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(images))
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(labels))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_fake_mnist(tmp_path_factory.mktemp("data"))
+
+
+BASE = {
+    "name": "t",
+    "epochs": 2,
+    "batch_size": 50,
+    "eval_n": 50,
+    "lr": 3e-3,
+    "c": 0.5,
+    "eval_eps": 0.1,
+}
+
+
+def cfg_of(**overrides):
+    return config_from_dict({**BASE, **overrides})
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, data_dir):
+    run = tmp_path_factory.mktemp("straight")
+    record = train(cfg_of(), run, data_dir=data_dir, progress=False)
+    return run, record
+
+
+def _state(run: Path) -> dict[str, torch.Tensor]:
+    tensors, _ = load_checkpoint(run)
+    return tensors
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def test_run_folder_contents(straight_run, data_dir) -> None:
+    run, record = straight_run
+    for name in ("last.safetensors", "last.json", "log.jsonl", "config.json"):
+        assert (run / name).is_file(), name
+    lines = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert [r["step"] for r in lines] == [4, 8]  # 200 images / 50
+    for r in lines:
+        assert set(r) == LOG_KEYS
+        assert math.isfinite(r["loss"]) and r["loss"] > 0
+        assert 0 <= r["clean_accuracy"] <= 1 and 0 <= r["certified_accuracy"] <= 1
+        assert r["certified_accuracy"] <= r["clean_accuracy"]
+        assert r["c"] == 0.5 and r["lr"] == 3e-3 and r["eval_eps"] == 0.1
+    assert lines[1]["loss"] < lines[0]["loss"]  # learnable data: the loss goes down
+    assert record == lines[-1]
+    assert json.loads((run / "config.json").read_text()) == cfg_of().to_dict()
+    meta = json.loads((run / "last.json").read_text())
+    assert meta["epoch"] == 2 and meta["step"] == 8
+    assert meta["config"] == cfg_of().to_dict()
+    assert meta["input_shape"] == [1, 28, 28]
+
+
+def test_load_run_reproduces_logged_evaluation(straight_run, data_dir) -> None:
+    run, record = straight_run
+    model, bound, cfg, tensors, meta = load_run(run)
+    assert cfg == cfg_of()
+    assert not model.training
+    # The weights are those evaluated at the end of training: the guaranteed bound (float64,
+    # deterministic) and the figures on the held-out points come out the same.
+    assert bound.certified().value == record["bound"]
+    x, y = load_dataset("mnist", "test", data_dir)
+    x, y = x[:50], y[:50]
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    assert float((pred == y).double().mean()) == record["clean_accuracy"]
+    report = evaluate(model, bound, batches(x, y, 500), [0.1])
+    assert report.median_radius == record["median_radius"]
+    assert report.certified_accuracy[0.1] == record["certified_accuracy"]
+    # and the state dict equals the stored tensors bit for bit
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, tensors["model." + k]), k
+    # the loaded bound keeps the trained power-iteration vectors
+    for k, v in bound.state_dict().items():
+        assert torch.equal(v, tensors["bound." + k]), k
+        assert torch.isfinite(v).all() and float(v.norm()) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_resume_matches_straight_run(tmp_path, straight_run, data_dir) -> None:
+    run_b, _ = straight_run
+    run_a = tmp_path / "resumed"
+    train(cfg_of(epochs=1), run_a, data_dir=data_dir, progress=False)
+    assert len((run_a / "log.jsonl").read_text().splitlines()) == 1
+    record = train(cfg_of(), run_a, resume=True, data_dir=data_dir, progress=False)
+    assert record["epoch"] == 2 and record["step"] == 8
+    a, b = _state(run_a), _state(run_b)
+    assert set(a) == set(b)
+    assert any(k.startswith("optim.") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    lines_a = [json.loads(ln) for ln in (run_a / "log.jsonl").read_text().splitlines()]
+    lines_b = [json.loads(ln) for ln in (run_b / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines_a] == [1, 2]
+    for ra, rb in zip(lines_a, lines_b, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6)
+        assert ra["bound"] == pytest.approx(rb["bound"], rel=1e-6)
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path, data_dir, capsys) -> None:
+    run = tmp_path / "fresh"
+    cfg = cfg_of(epochs=1, train_subset=50, eval_n=10)
+    train(cfg, run, resume=True, data_dir=data_dir, progress=False)
+    assert "no checkpoint" in capsys.readouterr().out
+    assert json.loads((run / "last.json").read_text())["epoch"] == 1
+
+
+# --------------------------------------------------------------------------- methods
+
+
+METHODS = {
+    "lmt_pairwise": {"method": "lmt", "lmt_form": "pairwise"},
+    "lmt_global": {"method": "lmt", "lmt_form": "global"},
+    "lmt_no_release": {"method": "lmt", "release_factor": False, "c0": 0.01, "c_warmup_epochs": 1},
+    "plain": {"method": "plain"},
+    "weight_decay": {"method": "weight_decay", "weight_decay": 1e-3},
+    "snr": {"method": "snr", "snr_lambda": 0.01},
+    "parseval": {"method": "parseval", "parseval_beta": 1e-3},
+    "adversarial": {"method": "adversarial", "adv_steps": 2, "adv_eps": 0.5},
+}
+SMALL = {"epochs": 1, "train_subset": 100, "eval_n": 20}
+
+
+@pytest.mark.parametrize("key", list(METHODS))
+def test_every_method_trains_one_epoch(tmp_path, data_dir, key) -> None:
+    cfg = cfg_of(**SMALL, **METHODS[key])
+    record = train(cfg, tmp_path / key, data_dir=data_dir, progress=False)
+    assert record["epoch"] == 1 and record["step"] == 2
+    for name in ("loss", "bound", "median_radius", "clean_accuracy"):
+        assert math.isfinite(record[name]), name
+    model, bound, loaded, tensors, _ = load_run(tmp_path / key)
+    assert loaded == cfg
+    for k, v in tensors.items():
+        assert torch.isfinite(v).all(), k
+    if key == "lmt_no_release":
+        # warm-up over one epoch of 2 steps: c(2) is the final c
+        assert record["c"] == pytest.approx(0.5)
+
+
+def test_lmt_with_c_zero_trains_exactly_like_plain(tmp_path, data_dir) -> None:
+    """c = 0 makes the LMT loss the cross-entropy; the bound's power iteration must not touch the
+    weights, so the trajectories coincide. The power-iteration vectors stay finite unit vectors."""
+    lmt = train(
+        cfg_of(**SMALL, method="lmt", c=0.0), tmp_path / "lmt", data_dir=data_dir, progress=False
+    )
+    plain = train(
+        cfg_of(**SMALL, method="plain"), tmp_path / "plain", data_dir=data_dir, progress=False
+    )
+    a, b = _state(tmp_path / "lmt"), _state(tmp_path / "plain")
+    for k in a:
+        if k.startswith(("model.", "optim.")):
+            assert torch.equal(a[k], b[k]), k
+    assert lmt["loss"] == plain["loss"]
+    for k, v in a.items():
+        if k.startswith("bound."):
+            assert torch.isfinite(v).all(), k
+            assert float(v.norm()) == pytest.approx(1.0, rel=1e-4), k
+    # with c > 0 the LMT trajectory is different (the test above can fail)
+    other = train(
+        cfg_of(**SMALL, method="lmt", c=1.0), tmp_path / "lmt1", data_dir=data_dir, progress=False
+    )
+    assert other["loss"] != plain["loss"]
+
+
+def test_lr_milestones_logged(tmp_path, data_dir) -> None:
+    cfg = cfg_of(
+        epochs=2,
+        train_subset=50,
+        eval_n=10,
+        lr_milestones=[1],
+        lr_gamma=0.5,
+        optimizer="sgd",
+        method="plain",
+    )
+    train(cfg, tmp_path / "ms", data_dir=data_dir, progress=False)
+    lines = [json.loads(ln) for ln in (tmp_path / "ms" / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in lines] == [pytest.approx(3e-3), pytest.approx(1.5e-3)]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_corrupt_checkpoint_raises(tmp_path, straight_run) -> None:
+    import shutil
+
+    run, _ = straight_run
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    data = (bad / "last.safetensors").read_bytes()
+    (bad / "last.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        load_run(bad)
+    flipped = bytearray(data)
+    flipped[-10] ^= 0xFF
+    (bad / "last.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError):
+        load_run(bad)
+    (bad / "last.safetensors").write_bytes(data)
+    (bad / "last.json").unlink()
+    with pytest.raises(CheckpointError):
+        load_run(bad)
+    with pytest.raises(CheckpointError):
+        load_run(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ['method="foo"'],
+        ["lr=-1"],
+        ["no_such_key=1"],
+        ['optimizer="rmsprop"'],
+        ['lmt_form="both"'],
+        ["epochs=0"],
+        ["batch_size=0"],
+        ['c="big"'],
+        ["c=-0.5"],
+        ["train_subset=0"],
+        ["nokeyvalue"],
+    ],
+)
+def test_invalid_config_raises(overrides) -> None:
+    with pytest.raises(ConfigError):
+        load_config(None, overrides)
+
+
+def test_config_file_errors(tmp_path) -> None:
+    with pytest.raises(ConfigError):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epochs = = 3\n")
+    with pytest.raises(ConfigError):
+        load_config(bad)
+    good = tmp_path / "good.toml"
+    good.write_text('method = "plain"\nepochs = 3\nc0 = 0.1\n')
+    cfg = load_config(good, ["epochs=5", 'name="x"'])
+    assert (cfg.method, cfg.epochs, cfg.c0, cfg.name) == ("plain", 5, 0.1, "x")
+
+
+def test_shipped_configs_parse() -> None:
+    files = sorted((REPO / "configs").glob("*.toml"))
+    assert files
+    for f in files:
+        load_config(f)
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_single_process(tmp_path, data_dir) -> None:
+    """2 gloo ranks, each taking half of every global batch of 50.
+
+    The loss is a per-sample mean and the LMT term is linear in the per-sample coefficients, so
+    the all-reduced average of the two half-batch gradients is the full-batch gradient; the
+    power-iteration vectors see the same weights on every rank. The runs differ only by float32
+    summation order (~1e-7 relative per step). SGD keeps those differences at that scale (Adam
+    would turn a near-zero gradient of either sign into a full +-lr step), so after 8 steps
+    with lr 0.05 a tolerance of 1e-5 absolute / 1e-4 relative has a wide margin.
+    """
+    settings = {**BASE, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "eval_n": 20}
+    toml = tmp_path / "tiny.toml"
+    lines = []
+    for k, v in settings.items():
+        lines.append(f"{k} = {json.dumps(v)}")
+    toml.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port())}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "lipmargin",
+        "train",
+        "--config",
+        str(toml),
+        "--set",
+        "seed=0",
+        "--out",
+        str(out),
+        "--data-dir",
+        str(data_dir),
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    single = tmp_path / "single"
+    train(config_from_dict(settings), single, data_dir=data_dir, progress=False)
+    m_ddp, b_ddp, cfg_ddp, t_ddp, _ = load_run(out)
+    m_one, b_one, cfg_one, t_one, _ = load_run(single)
+    assert cfg_ddp == cfg_one
+    for k, v in m_one.state_dict().items():
+        torch.testing.assert_close(m_ddp.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    for k, v in b_one.state_dict().items():
+        torch.testing.assert_close(b_ddp.state_dict()[k], v, rtol=1e-3, atol=1e-4, msg=k)
+    # and the DDP run did move the weights (8 steps) the same way
+    log = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    log1 = [json.loads(ln) for ln in (single / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [4, 8]
+    assert log[-1]["bound"] == pytest.approx(log1[-1]["bound"], rel=1e-4)
