@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from _common import interleaved, write
+
 from lipmargin import models
 from lipmargin.bounds import LipschitzBound
 from lipmargin.certify import certify
@@ -33,21 +33,32 @@ def measure(name: str, batch: int, shape: tuple[int, int, int], repeats: int) ->
         certify(model, x, y, bound)
 
     t = interleaved({"inference": infer, "certify": cert}, repeats)
-    return {"model": name, "batch": batch, "inference_s": t["inference"],
-            "certify_s": t["certify"], "throughput_ratio": t["inference"] / t["certify"]}
+    return {
+        "model": name,
+        "batch": batch,
+        "inference_s": t["inference"],
+        "certify_s": t["certify"],
+        "throughput_ratio": t["inference"] / t["certify"],
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
-    rows = [measure("wong_kolter", 1000, (1, 28, 28), args.repeats),
-            measure("c6f2", 256, (3, 32, 32), max(5, args.repeats // 3))]
-    lines = ["| model | batch | inference (img/s) | certification (img/s) | ratio | goal |",
-             "|---|---|---|---|---|---|"]
+    rows = [
+        measure("wong_kolter", 1000, (1, 28, 28), args.repeats),
+        measure("c6f2", 256, (3, 32, 32), max(5, args.repeats // 3)),
+    ]
+    lines = [
+        "| model | batch | inference (img/s) | certification (img/s) | ratio | goal |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['batch'] / r['inference_s']:.0f} | "
-                     f"{r['batch'] / r['certify_s']:.0f} | {r['throughput_ratio']:.3f} | >= 0.95 |")
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['batch'] / r['inference_s']:.0f} | "
+            f"{r['batch'] / r['certify_s']:.0f} | {r['throughput_ratio']:.3f} | >= 0.95 |"
+        )
     write("certify_throughput", {"rows": rows}, "\n".join(lines))
 
 

@@ -10,8 +10,8 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-
 from _common import interleaved, write
+
 from lipmargin import models
 from lipmargin.bounds import LipschitzBound
 from lipmargin.losses import lmt_loss
@@ -40,8 +40,13 @@ def measure(name: str, batch: int, shape: tuple[int, int, int], repeats: int) ->
         opt.step()
 
     t = interleaved({"plain": plain, "lmt": lmt}, repeats)
-    return {"model": name, "batch": batch, "plain_s": t["plain"], "lmt_s": t["lmt"],
-            "ratio": t["lmt"] / t["plain"]}
+    return {
+        "model": name,
+        "batch": batch,
+        "plain_s": t["plain"],
+        "lmt_s": t["lmt"],
+        "ratio": t["lmt"] / t["plain"],
+    }
 
 
 def main() -> None:
@@ -52,10 +57,15 @@ def main() -> None:
         measure("wong_kolter", 50, (1, 28, 28), args.repeats) | {"goal": 1.15},
         measure("c6f2", 128, (3, 32, 32), args.repeats // 2) | {"goal": 1.10},
     ]
-    lines = ["| model | batch | plain step (ms) | LMT step (ms) | ratio | goal |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | batch | plain step (ms) | LMT step (ms) | ratio | goal |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | {1e3 * r['plain_s']:.2f} | "
-                     f"{1e3 * r['lmt_s']:.2f} | {r['ratio']:.3f} | <= {r['goal']} |")
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {1e3 * r['plain_s']:.2f} | "
+            f"{1e3 * r['lmt_s']:.2f} | {r['ratio']:.3f} | <= {r['goal']} |"
+        )
     write("train_step", {"rows": rows}, "\n".join(lines))
 
 

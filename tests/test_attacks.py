@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,6 +22,19 @@ from lipmargin.attacks import (
 from lipmargin.errors import InputError
 
 # ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    """Run this module's tiny-tensor attacks on one intra-op thread, then restore.
+
+    The attacks here are thousands of small ops; extra intra-op threads only add
+    synchronisation, which becomes very slow when the CPU is shared with other jobs.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def linear_exact(model: nn.Linear, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -79,23 +93,47 @@ def linear_problem(
     return model, x[idx], y[idx], dist[idx]
 
 
+class Center(nn.Module):
+    """``x - 0.5``: inputs in [0, 1] centred, so a random network predicts varied classes."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x - 0.5
+
+
+def _sharpen(model: nn.Sequential, index: int, gain: float = 4.0) -> nn.Sequential:
+    """Scale the first layer so adversarial distances are small relative to the box."""
+    with torch.no_grad():
+        model[index].weight.mul_(gain)
+        model[index].bias.mul_(gain)
+    return model.eval()
+
+
 def mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(36, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)
-    ).eval()
+    model = nn.Sequential(
+        Center(),
+        nn.Flatten(),
+        nn.Linear(36, 32),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.ReLU(),
+        nn.Linear(32, 5),
+    )
+    return _sharpen(model, 2)
 
 
 def convnet(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(
+    model = nn.Sequential(
+        Center(),
         nn.Conv2d(1, 4, 3),
         nn.ReLU(),
         nn.Conv2d(4, 4, 3, padding=1),
         nn.ReLU(),
         nn.Flatten(),
         nn.Linear(64, 5),
-    ).eval()
+    )
+    return _sharpen(model, 1)
 
 
 def image_batch(model: nn.Module, n: int = 16, seed: int = 1) -> tuple[Tensor, Tensor]:
@@ -184,14 +222,35 @@ def test_deepfool_linear_property(seed: int, k: int, d: int, scale: float) -> No
 # ------------------------------------------------------------------- linear models: C&W
 
 
-@pytest.mark.parametrize("k", [2, 6])
-def test_cw_tuned_exact_on_linear(k: int) -> None:
-    model, x, y, exact = linear_problem(k, seed=20 + k, unambiguous=True)
+def test_cw_tuned_exact_on_binary_linear() -> None:
+    model, x, y, exact = linear_problem(2, seed=22)
     r = cw_l2(model, x, y, steps=200, binary_steps=15, lr=5e-3, clip=None)
     check_minimum_norm(model, x, y, r)
     assert bool(r.success.all())
     ratio = r.norms / exact
     assert bool((ratio >= 1.0 - 1e-9).all()) and bool((ratio <= 1.01).all()), ratio
+
+
+def test_cw_tuned_on_multiclass_linear() -> None:
+    """Exact where the nearest boundary is the runner-up's; else exact for the class reached.
+
+    C&W follows the gradient of the runner-up logit, so it converges to the closest point of
+    *that* class's region, which need not be the globally nearest boundary (a local optimum).
+    """
+    model, x, y, exact = linear_problem(6, seed=26, n=24)
+    _, near, top = linear_exact(model, x, y)
+    r = cw_l2(model, x, y, steps=200, binary_steps=15, lr=5e-3, clip=None)
+    check_minimum_norm(model, x, y, r)
+    assert bool(r.success.all())
+    ratio = r.norms / exact
+    assert bool((ratio >= 1.0 - 1e-9).all())
+    unambiguous = near == top
+    assert int(unambiguous.sum()) >= 8
+    assert bool((ratio[unambiguous] <= 1.01).all()), ratio[unambiguous]
+    with torch.no_grad():
+        reached = model(r.x_adv).argmax(dim=1)
+    own = distance_to_class(model, x, y, reached)
+    assert bool((r.norms <= 1.01 * own).all())
 
 
 @pytest.mark.parametrize("k", [2, 6])
@@ -204,23 +263,6 @@ def test_cw_defaults_on_linear(k: int) -> None:
     assert bool((ratio >= 1.0 - 1e-9).all())
     assert float(ratio.median()) <= 1.005
     assert float(ratio.max()) <= 1.03, ratio
-
-
-def test_cw_multiclass_local_optimum() -> None:
-    """On all points C&W is exact for the boundary it reaches; it may miss a closer one.
-
-    C&W follows the gradient of the runner-up logit, so it converges to the closest point
-    of *that* class's region, which need not be the globally nearest boundary.
-    """
-    model, x, y, exact = linear_problem(6, seed=40)
-    r = cw_l2(model, x, y, steps=200, binary_steps=15, lr=5e-3, clip=None)
-    assert bool(r.success.all())
-    assert bool((r.norms >= exact * (1 - 1e-9)).all())
-    with torch.no_grad():
-        reached = model(r.x_adv).argmax(dim=1)
-    own = distance_to_class(model, x, y, reached)
-    assert bool((r.norms <= 1.01 * own).all())
-    assert float((r.norms <= 1.01 * exact).float().mean()) >= 0.6
 
 
 # ------------------------------------------------------------------- linear models: PGD
@@ -328,7 +370,7 @@ def test_deepfool_and_cw_on_networks(make) -> None:
     x, y = image_batch(model)
     for clip in [(0.0, 1.0), None]:
         df = deepfool(model, x, y, clip=clip)
-        cw = cw_l2(model, x, y, steps=30, clip=clip)
+        cw = cw_l2(model, x, y, clip=clip)
         for r in (df, cw):
             check_minimum_norm(model, x, y, r)
             if clip is not None:
@@ -344,11 +386,11 @@ def test_deepfool_and_cw_on_networks(make) -> None:
 def test_smallest_adversarial_takes_minimum() -> None:
     model = convnet()
     x, y = image_batch(model)
-    kw = {"cw": {"steps": 30}}
+    kw = {"cw": {"steps": 50}}
     r = smallest_adversarial(model, x, y, method_kwargs=kw)
     check_minimum_norm(model, x, y, r)
     df = deepfool(model, x, y)
-    cw = cw_l2(model, x, y, steps=30)
+    cw = cw_l2(model, x, y, steps=50)
     torch.testing.assert_close(r.norms, torch.minimum(df.norms, cw.norms))
     assert torch.equal(r.success, df.success | cw.success)
     only_df = smallest_adversarial(model, x, y, methods=("deepfool",))
@@ -395,7 +437,7 @@ def test_grad_disabled_callers_and_model_untouched(name: str, context: str) -> N
     model = mlp()
     model.train()
     model.eval()
-    model[1].weight.requires_grad_(False)  # a mix of frozen and trainable parameters
+    model[2].weight.requires_grad_(False)  # a mix of frozen and trainable parameters
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [p.requires_grad for p in model.parameters()]
     x, y = image_batch(model, n=6)
@@ -408,6 +450,21 @@ def test_grad_disabled_callers_and_model_untouched(name: str, context: str) -> N
     assert all(p.grad is None for p in model.parameters())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("name", list(ALL_ATTACKS))
+def test_inference_tensors_as_inputs(name: str) -> None:
+    """Inputs created under inference_mode (data pipelines often do) are accepted."""
+    model = mlp()
+    x, y = image_batch(model, n=6)
+    with torch.inference_mode():
+        xi, yi = x.clone(), y.clone()
+        eps = torch.full((6,), 0.5)
+        r = ALL_ATTACKS[name](model, xi, yi)
+        if name == "pgd":
+            r = pgd_l2(model, xi, yi, eps=eps, steps=5)
+    with torch.no_grad():
+        assert torch.equal(model(r.x_adv).argmax(dim=1) != y, r.success)
 
 
 @pytest.mark.parametrize("name", list(ALL_ATTACKS))

@@ -26,6 +26,15 @@ F64 = torch.float64
 REL = 1e-9
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one intra-op thread avoids oversubscription under pytest-xdist."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -40,9 +49,7 @@ def jacobians(model: nn.Module, x: torch.Tensor, create_graph: bool = False) -> 
     out = model(x)
     rows = []
     for k in range(out.shape[1]):
-        (g,) = torch.autograd.grad(
-            out[:, k].sum(), x, create_graph=create_graph, retain_graph=True
-        )
+        (g,) = torch.autograd.grad(out[:, k].sum(), x, create_graph=create_graph, retain_graph=True)
         rows.append(g.reshape(x.shape[0], -1))
     return torch.stack(rows, dim=1)
 
@@ -349,6 +356,35 @@ class Residual(nn.Module):
 @pytest.mark.parametrize("mode", ["add", "sub_alpha", "add_method", "chain", "scaled", "rsub"])
 def test_residual_and_arithmetic_rules(mode) -> None:
     check_affine(Residual(mode), (3, 5, 5))
+
+
+class Keywords(nn.Module):
+    """Arithmetic with keyword arguments (``torch.mul(x, other=c)``)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x):
+        m = self.mode
+        if m == "mul":
+            return torch.mul(x, other=3.0)
+        if m == "div":
+            return torch.div(x, other=0.5)
+        if m == "add":
+            return torch.add(x, other=x, alpha=2)
+        if m == "cat":
+            return torch.cat(tensors=[x, x], dim=1)
+        return torch.mean(x, dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("mode", ["mul", "div", "add", "cat", "mean"])
+def test_keyword_arguments_are_bounded_or_refused(mode) -> None:
+    """A sound bound, or an ``UnsupportedOperationError``; never an internal IndexError."""
+    try:
+        check_affine(Keywords(mode), (4,))
+    except UnsupportedOperationError:
+        pass
 
 
 class Concat(nn.Module):

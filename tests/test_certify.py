@@ -31,6 +31,17 @@ from lipmargin.certify import (
 )
 from lipmargin.errors import InputError
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spinning when cores are shared
+    (pytest -n 2 on 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 F64 = torch.float64
 SHAPE = (1, 3, 4)  # inputs (N, 1, 3, 4), flattened to d = 12
 D = 12
@@ -267,7 +278,7 @@ def test_convnet_soundness_random_and_pgd() -> None:
     with torch.no_grad():
         y = model(x).argmax(1)
     y[:8] = (y[:8] + 1) % 5  # some misclassified
-    bound = LipschitzBound(model, shape)
+    bound = LipschitzBound(model, shape, estimate_steps=2)
     r = certify(model, x, y, bound)
     assert (r[:8] == 0).all()
     assert (r[8:] > 0).all()
@@ -284,10 +295,22 @@ def test_convnet_soundness_random_and_pgd() -> None:
     zt = z.gather(1, y[8:, None]).squeeze(1)
     other = z.scatter(1, y[8:, None], -math.inf).max(1).values
     assert (zt > other).all()
-    # And the certified radius is below the smallest distance PGD can find by bisection-free
-    # brute force on a coarse ladder: scaling eps up must eventually succeed for some points.
+    # The attack is able to succeed at all: at 50 r it does somewhere.
     big = pgd_l2(model, x[8:], y[8:], 50 * r[8:].float(), steps=40, clip=None)
     assert big.success.any()
+    # What the radii rest on: every input gradient of z_t - z_i has norm <= K[t, i].
+    pair = bound.certified().pairwise
+    xg = torch.cat([x, big.x_adv]).requires_grad_(True)
+    z = model(xg)
+    ratios = []
+    for t in range(5):
+        for i in range(5):
+            if t != i:
+                (g,) = torch.autograd.grad((z[:, t] - z[:, i]).sum(), xg, retain_graph=True)
+                ratios.append(g.flatten(1).norm(dim=1).double() / pair[t, i])
+    ratios = torch.cat(ratios)
+    assert (ratios <= 1 + 1e-5).all()
+    assert ratios.max() > 0.01  # not vacuous (a random ReLU net is far from its bound)
 
 
 def test_certify_uses_eval_mode_and_restores_training() -> None:
@@ -413,6 +436,32 @@ def test_bad_inputs_raise_input_error() -> None:
         certify(model, x, y, "not a bound")  # type: ignore[arg-type]
 
 
+def test_label_dtype_and_empty_batch_never_crash() -> None:
+    """Labels of another integer dtype are either accepted (same radii as int64) or refused
+    with InputError; float labels are refused; an empty batch gives no radii or InputError.
+    A bare RuntimeError from torch is never the answer."""
+    model = linear_model(3, seed=61)
+    bound = LipschitzBound(model, SHAPE)
+    x = inputs(6, seed=62)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    ref = certify(model, x, y, bound)
+    try:
+        r32 = certify(model, x, y.to(torch.int32), bound)
+    except InputError:
+        pass
+    else:
+        torch.testing.assert_close(r32, ref, rtol=0, atol=0)
+    with pytest.raises(InputError):
+        certify(model, x, y.to(torch.float32), bound)
+    try:
+        empty = certify(model, x[:0], y[:0], bound)
+    except InputError:
+        pass
+    else:
+        assert empty.shape == (0,)
+
+
 def test_estimate_bound_refused_unless_allowed() -> None:
     model = linear_model(3, seed=51)
     x = inputs(10, seed=52)
@@ -430,7 +479,7 @@ def test_estimate_bound_refused_unless_allowed() -> None:
 
 def test_power_method_bound_refused_on_convnet() -> None:
     model = small_convnet(seed=3)
-    bound = LipschitzBound(model, (1, 8, 8), conv_method="power")
+    bound = LipschitzBound(model, (1, 8, 8), conv_method="power", estimate_steps=5)
     x = torch.rand(4, 1, 8, 8)
     with torch.no_grad():
         y = model(x).argmax(1)

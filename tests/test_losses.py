@@ -24,6 +24,17 @@ from lipmargin.losses import (
     spectral_norm_penalty,
 )
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spinning when cores are shared
+    (pytest -n 2 on 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 F64 = torch.float64
 
 
@@ -353,7 +364,7 @@ def test_pairwise_bound_gradient_is_finite_and_reaches_weights() -> None:
     k = bound()
     k.sum().backward()
     w = model[5].weight.detach()
-    l_in = float(k[0, 1]) / float(torch.linalg.vector_norm(w[0] - w[1]))
+    l_in = float(k[0, 1].detach()) / float(torch.linalg.vector_norm(w[0] - w[1]))
     head = w.clone().requires_grad_(True)
     total = sum(
         torch.linalg.vector_norm(head[t] - head[i]) for t in range(4) for i in range(4) if t != i

@@ -44,8 +44,6 @@ def test_power_iteration_converges_to_exact_norm():
         bound(pairwise=False)
     sigma = float(bound.last_sigmas["_0"])
     w = model[0].weight.detach().double()
-    exact = float(
-        norms.dense_operator_norm(lambda x: F.conv2d(x, w, None, 2, 1), (2, 10, 10))
-    )
+    exact = float(norms.dense_operator_norm(lambda x: F.conv2d(x, w, None, 2, 1), (2, 10, 10)))
     assert sigma <= exact * (1 + 1e-5)
     assert sigma >= exact * (1 - 1e-3)

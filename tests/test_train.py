@@ -22,6 +22,17 @@ from lipmargin.data import load_dataset
 from lipmargin.errors import CheckpointError, ConfigError
 from lipmargin.train import load_run, train
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spinning when cores are shared
+    (pytest -n 2 on 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 REPO = Path(__file__).resolve().parents[1]
 LOG_KEYS = {
     "epoch",
@@ -166,6 +177,17 @@ def test_resume_matches_straight_run(tmp_path, straight_run, data_dir) -> None:
         assert ra["bound"] == pytest.approx(rb["bound"], rel=1e-6)
 
 
+def test_resume_adversarial_matches_straight_run(tmp_path, data_dir) -> None:
+    """PGD's random starts draw from the global RNG: a resumed run must see the same draws."""
+    cfg = {**SMALL, "epochs": 2, "method": "adversarial", "adv_steps": 2, "adv_eps": 0.5}
+    train(cfg_of(**cfg), tmp_path / "straight", data_dir=data_dir, progress=False)
+    train(cfg_of(**{**cfg, "epochs": 1}), tmp_path / "resumed", data_dir=data_dir, progress=False)
+    train(cfg_of(**cfg), tmp_path / "resumed", resume=True, data_dir=data_dir, progress=False)
+    a, b = _state(tmp_path / "resumed"), _state(tmp_path / "straight")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
 def test_resume_without_checkpoint_starts_fresh(tmp_path, data_dir, capsys) -> None:
     run = tmp_path / "fresh"
     cfg = cfg_of(epochs=1, train_subset=50, eval_n=10)
@@ -289,6 +311,23 @@ def test_corrupt_checkpoint_raises(tmp_path, straight_run) -> None:
     ],
 )
 def test_invalid_config_raises(overrides) -> None:
+    with pytest.raises(ConfigError):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["batch_size=2.5"],
+        ["epochs=1.5"],
+        ["train_subset=2.5"],
+        ["lr_milestones=3"],
+        ['c0="x"', "c_warmup_epochs=1"],
+    ],
+)
+def test_wrongly_typed_config_raises_config_error(overrides) -> None:
+    """Values of the wrong type must be refused when the config is read, not crash the
+    training loop later with a TypeError (a traceback from the CLI)."""
     with pytest.raises(ConfigError):
         load_config(None, overrides)
 

@@ -1,4 +1,4 @@
-"""Batched L2 adversarial attacks, used to check certified radii from below.
+"""Batched L2 adversarial attacks: upper bounds to check certified radii against.
 
 A certificate says that no perturbation with L2 norm under the certified radius changes the
 prediction. An attack gives the other side: a perturbation that *does* change it, so the
@@ -30,6 +30,7 @@ so that ``norms`` reads as "smallest adversarial distance found".
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -109,16 +110,16 @@ def _per_row(v: Tensor, like: Tensor) -> Tensor:
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InputError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise InputError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def _check_float(name: str, value: object, minimum: float, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InputError(f"{name} must be a number, got {type(value).__name__}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
     if not math.isfinite(v) or v < minimum or (strict and v == minimum):
         rel = ">" if strict else ">="
@@ -341,8 +342,8 @@ def pgd_l2(
         InputError: On invalid inputs or parameters.
     """
     bounds = _validate(model, x, y, clip)
-    _check_int("steps", steps, 0)
-    _check_int("restarts", restarts, 1)
+    steps = _check_int("steps", steps, 0)
+    restarts = _check_int("restarts", restarts, 1)
     if loss not in ("margin", "ce"):
         raise InputError(f"loss must be 'margin' or 'ce', got {loss!r}")
     eps_all = _as_per_example("eps", eps, x)
@@ -453,8 +454,8 @@ def cw_l2(
         InputError: On invalid inputs or parameters.
     """
     bounds = _validate(model, x, y, clip)
-    _check_int("steps", steps, 1)
-    _check_int("binary_steps", binary_steps, 1)
+    steps = _check_int("steps", steps, 1)
+    binary_steps = _check_int("binary_steps", binary_steps, 1)
     c0 = _check_float("initial_const", initial_const, 0.0, strict=True)
     lr_f = _check_float("lr", lr, 0.0, strict=True)
     kappa = _check_float("confidence", confidence, 0.0)
@@ -559,7 +560,7 @@ def deepfool(
         InputError: On invalid inputs or parameters.
     """
     bounds = _validate(model, x, y, clip)
-    _check_int("steps", steps, 1)
+    steps = _check_int("steps", steps, 1)
     os_f = _check_float("overshoot", overshoot, 0.0)
 
     def attack(xs: Tensor, ys: Tensor, idx: Tensor) -> Tensor:
@@ -595,7 +596,7 @@ def deepfool(
                 break
             w_l = w[rows, l]
             scale = (best_pert + 1e-4) / w_norm[rows, l].clamp_min(1e-30)
-            step = (scale[:, None] * w_l).reshape(xa[keep].shape)
+            step = (scale[:, None] * w_l).reshape(len(keep), *xs.shape[1:])
             step = step * _per_row(movable.to(step.dtype), step)
             r_tot[active] = r_tot[active] + step
             active = active[movable]

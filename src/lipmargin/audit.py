@@ -126,12 +126,16 @@ def audit(
                         }
                     )
             other = _runner_up(logits[idx], yc)
-            g = torch.cat(
-                [
-                    margin_gradient_norms(model, xc, yc, other),
-                    margin_gradient_norms(model, found["pgd"].x_adv, yc, other),
-                ]
-            ).double().cpu()
+            g = (
+                torch.cat(
+                    [
+                        margin_gradient_norms(model, xc, yc, other),
+                        margin_gradient_norms(model, found["pgd"].x_adv, yc, other),
+                    ]
+                )
+                .double()
+                .cpu()
+            )
             k = _pair_bound(cert, yc, other).repeat(2)
             ratios.append(g / k)
         offset += int(yb.shape[0])
@@ -165,7 +169,10 @@ class TightnessResult:
         }
 
     def medians(self) -> dict[str, float]:
-        return {k: float(v.median()) for k, v in zip("ABCD", (self.a, self.b, self.c, self.d))}
+        return {
+            k: float(v.median())
+            for k, v in zip("ABCD", (self.a, self.b, self.c, self.d), strict=True)
+        }
 
 
 def tightness(
@@ -191,8 +198,9 @@ def tightness(
     a = radii_from_logits(logits, y, cert)
     grads = torch.cat(
         [
-            margin_gradient_norms(model, x[i : i + batch_size], y[i : i + batch_size],
-                                  other[i : i + batch_size])
+            margin_gradient_norms(
+                model, x[i : i + batch_size], y[i : i + batch_size], other[i : i + batch_size]
+            )
             for i in range(0, len(x), batch_size)
         ]
     ).double()
@@ -205,8 +213,9 @@ def tightness(
         xn = (x + noise * scale.view(-1, *[1] * (x.dim() - 1))).clamp(0, 1)
         g = torch.cat(
             [
-                margin_gradient_norms(model, xn[i : i + batch_size], y[i : i + batch_size],
-                                      other[i : i + batch_size])
+                margin_gradient_norms(
+                    model, xn[i : i + batch_size], y[i : i + batch_size], other[i : i + batch_size]
+                )
                 for i in range(0, len(x), batch_size)
             ]
         ).double()

@@ -42,6 +42,8 @@ def _check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
         raise InputError("x and y must be tensors")
     if y.dim() != 1 or x.shape[0] != y.shape[0]:
         raise InputError(f"x has {x.shape[0]} examples but y has shape {tuple(y.shape)}")
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+        raise InputError(f"labels must be integers, got dtype {y.dtype}")
     if not torch.isfinite(x).all():
         raise InputError("x contains NaN or infinite values")
 
@@ -59,7 +61,14 @@ def radii_from_logits(
     reduced by ``rtol * (|z_t| + |z_i|)``. Misclassified points (or ties) get radius 0.
     """
     z = logits.detach().to(torch.float64)
+    if z.dim() != 2 or y.dim() != 1 or z.shape[0] != y.shape[0]:
+        raise InputError(f"logits {tuple(z.shape)} and labels {tuple(y.shape)} do not match")
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise InputError(f"labels must be integers, got dtype {y.dtype}")
     n, k = z.shape
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    y = y.long()
     if y.min() < 0 or y.max() >= k:
         raise InputError(f"labels must lie in [0, {k}), got range [{int(y.min())}, {int(y.max())}]")
     y = y.to(z.device)
@@ -135,7 +144,9 @@ class CertificationReport:
     radii: torch.Tensor = field(repr=False)
     correct: torch.Tensor = field(repr=False)
 
-    def curve(self, points: int = 200, max_radius: float | None = None) -> list[tuple[float, float]]:
+    def curve(
+        self, points: int = 200, max_radius: float | None = None
+    ) -> list[tuple[float, float]]:
         """Certified accuracy against radius, from 0 (clean accuracy) to ``max_radius``."""
         top = max_radius if max_radius is not None else float(self.radii.max()) * 1.05 or 1.0
         grid = torch.linspace(0.0, top, points, dtype=torch.float64)

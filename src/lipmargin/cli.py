@@ -73,9 +73,7 @@ def _load_for_certify(args: argparse.Namespace):
         if not args.dataset:
             raise InputError("--dataset is required for a user model")
         model = models.build(target)
-        state, _ = load_checkpoint(args.weights) if str(args.weights).endswith(
-            (".safetensors", ".json")
-        ) else (_load_plain_weights(args.weights), {})
+        state = _load_weights(args.weights, load_checkpoint)
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
@@ -87,6 +85,26 @@ def _load_for_certify(args: argparse.Namespace):
 
     model, bound, cfg, _, _ = load_run(target)
     return model, bound, args.dataset or cfg.dataset
+
+
+def _load_weights(path: str, load_checkpoint) -> dict:
+    """A lipmargin checkpoint (with sidecar), a plain safetensors file, or a torch state dict
+    (read with ``weights_only=True``: nothing is unpickled with code execution)."""
+    from .checkpoint import sidecar_path
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"weights file not found: {p}")
+    if p.suffix == ".json" or sidecar_path(p).exists():
+        return load_checkpoint(p)[0]
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p))
+        except Exception as exc:
+            raise CheckpointError(f"cannot read safetensors file {p}: {exc}") from exc
+    return _load_plain_weights(path)
 
 
 def _load_plain_weights(path: str) -> dict:
@@ -206,7 +224,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .train import train
 
     overrides = [
-        "name=\"demo\"",
+        'name="demo"',
         f"epochs={args.epochs}",
         f"train_subset={args.train_subset}",
         "eval_n=1000",
@@ -279,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--pgd-steps", type=int, default=50)
             p.add_argument("--no-cw", action="store_true", help="PGD only (faster)")
             p.add_argument(
-                "--scale-bound", type=float, default=1.0,
+                "--scale-bound",
+                type=float,
+                default=1.0,
                 help="multiply the bound (values < 1 make it unsound: for testing the audit)",
             )
         _add_data_dir(p)

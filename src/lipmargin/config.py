@@ -52,6 +52,41 @@ class TrainConfig:
     device: str = "cpu"
 
     def validate(self) -> TrainConfig:
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        for key in ("epochs", "batch_size", "eval_n", "adv_steps", "seed"):
+            if not is_int(getattr(self, key)):
+                raise ConfigError(f"{key} must be an integer, got {getattr(self, key)!r}")
+        for key in (
+            "lr",
+            "c",
+            "weight_decay",
+            "eval_eps",
+            "lr_gamma",
+            "momentum",
+            "snr_lambda",
+            "parseval_beta",
+            "adv_eps",
+            "c_warmup_epochs",
+        ):
+            if not is_num(getattr(self, key)):
+                raise ConfigError(f"{key} must be a number, got {getattr(self, key)!r}")
+        if self.train_subset is not None and not is_int(self.train_subset):
+            raise ConfigError(f"train_subset must be an integer, got {self.train_subset!r}")
+        if self.c0 is not None and not is_num(self.c0):
+            raise ConfigError(f"c0 must be a number, got {self.c0!r}")
+        if not isinstance(self.lr_milestones, list) or not all(
+            is_int(m) for m in self.lr_milestones
+        ):
+            raise ConfigError(
+                f"lr_milestones must be a list of integers, got {self.lr_milestones!r}"
+            )
+        if not isinstance(self.model_kwargs, dict):
+            raise ConfigError("model_kwargs must be a table")
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -62,8 +97,8 @@ class TrainConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{key} must be a non-negative number, got {value!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("epochs and batch_size must be at least 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_n < 1:
+            raise ConfigError("epochs, batch_size and eval_n must be at least 1")
         if self.train_subset is not None and self.train_subset < 1:
             raise ConfigError("train_subset must be at least 1")
         return self
@@ -107,8 +142,4 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
         cfg = TrainConfig(**data)
     except TypeError as exc:
         raise ConfigError(str(exc)) from exc
-    for key in ("lr", "c", "weight_decay", "eval_eps", "lr_gamma", "momentum"):
-        value = getattr(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
     return cfg.validate()

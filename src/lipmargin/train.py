@@ -188,14 +188,18 @@ def train(
         lr = _lr_at(cfg, epoch)
         for group in opt.param_groups:
             group["lr"] = lr
-        order = torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(
-            cfg.seed * 100003 + epoch))
+        # Everything random in an epoch (order, attack starts) is seeded by (seed, epoch), so a
+        # resumed run repeats exactly what the killed run would have done.
+        torch.manual_seed(cfg.seed * 100003 + epoch)
+        order = torch.randperm(x_train.shape[0])
         net.train()
         bound.train()
         total_loss, total_correct, seen = 0.0, 0, 0
         bar = tqdm(
-            range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not progress or rank != 0, leave=False,
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not progress or rank != 0,
+            leave=False,
         )
         for i in bar:
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]

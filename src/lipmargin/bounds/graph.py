@@ -83,8 +83,10 @@ class _Recorder(torch.fx.Interpreter):
 def _shape_of(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return tuple(value.shape[1:])
-    if isinstance(value, (tuple, list)) and value and all(
-        isinstance(v, torch.Tensor) for v in value
+    if (
+        isinstance(value, (tuple, list))
+        and value
+        and all(isinstance(v, torch.Tensor) for v in value)
     ):
         return tuple(tuple(v.shape[1:]) for v in value)
     return None
@@ -219,7 +221,10 @@ class WalkContext:
                         u.copy_(w / n)
             return sigma
         # certify
-        _, est = norms.power_iteration(apply, u.to(torch.float64), steps=owner.estimate_steps)
+        if owner.estimate_steps > 0:
+            _, est = norms.power_iteration(apply, u.to(torch.float64), owner.estimate_steps)
+        else:  # the training-time estimate ||A u|| with the persistent unit vector
+            est = apply(u.to(torch.float64)).norm()
         if owner.conv_method == "power" and kind.startswith("conv"):
             bound = est
         else:
@@ -253,7 +258,9 @@ class LipschitzBound(nn.Module):
             Cor. 1), ``"closed_form"`` (paper Cor. 1 only, guaranteed but loose) or ``"power"``
             (power-iteration ESTIMATE, for comparison only: it can under-estimate, so the result
             is flagged ``guaranteed=False`` and ``certify`` refuses it).
-        estimate_steps: power-iteration steps for the estimates shown beside guaranteed bounds.
+        estimate_steps: extra power-iteration steps (float64) for the estimates shown beside
+            guaranteed bounds; 0 (default) shows ``||A u||`` with the persistent vector ``u``,
+            the value training uses.
 
     Calling the module returns a differentiable tensor: a K x K pairwise bound when the network
     ends with ``nn.Linear`` (or with ``pairwise=False``, a scalar bound of the whole logit map).
@@ -270,7 +277,7 @@ class LipschitzBound(nn.Module):
         input_shape: Sequence[int],
         *,
         conv_method: str = "fft",
-        estimate_steps: int = 20,
+        estimate_steps: int = 0,
         seed: int = 0,
     ):
         super().__init__()
@@ -323,7 +330,8 @@ class LipschitzBound(nn.Module):
             raise UnsupportedOperationError(
                 f"the model's forward must take exactly one input, got {len(placeholders)}"
             )
-        example = torch.zeros((1, *self.input_shape), device=self._device())
+        dtype = next((p.dtype for p in self.model.parameters()), torch.float32)
+        example = torch.zeros((1, *self.input_shape), device=self._device(), dtype=dtype)
         modes = {m: m.training for m in self.model.modules()}
         self.model.eval()
         try:
@@ -344,9 +352,19 @@ class LipschitzBound(nn.Module):
         self._constants: dict[str, Any] = {}
         self._depends: dict[str, bool] = {}
         shape_nodes: set[str] = set()
+        # Only nodes the logits depend on matter (``v, _ = pool(x)`` leaves a dead node).
+        self._live: set[str] = set()
+        stack = [n for n in gm.graph.nodes if n.op == "output"]
+        while stack:
+            n = stack.pop()
+            if n.name not in self._live:
+                self._live.add(n.name)
+                stack.extend(_node_args(n))
+        self._float_output: dict[str, bool] = {}
         for n in gm.graph.nodes:
             v = rec.meta.get(n.name)
             self._shapes[n.name] = _shape_of(v)
+            self._float_output[n.name] = isinstance(v, torch.Tensor) and v.is_floating_point()
             dep_args = [a for a in _node_args(n) if self._depends[a.name]]
             dep = n.op == "placeholder" or bool(dep_args)
             # Shape metadata (x.size(0), x.shape[1:], arithmetic on them) carries no input
@@ -406,6 +424,8 @@ class LipschitzBound(nn.Module):
             if node.op == "output":
                 result = self._output(ctx, node, pairwise)
                 break
+            if node.name not in self._live:
+                continue
             if not self._depends[node.name]:
                 ctx.bounds[node.name] = None
                 ctx.consts[node.name] = self._constant_value(ctx, node)
@@ -496,8 +516,18 @@ class LipschitzBound(nn.Module):
         return first
 
     def _weights_key(self) -> tuple[Any, ...]:
+        # Version counters miss writes through ``p.data``; a cheap value fingerprint does not.
         items = list(self.model.parameters()) + list(self.model.buffers())
-        return (self.conv_method,) + tuple((id(t), t._version, t.data_ptr()) for t in items)
+        with torch.no_grad():
+            prints = [
+                (float(t.double().sum()), float(t.double().square().sum()))
+                if t.is_floating_point()
+                else (int(t.sum()), 0)
+                for t in items
+            ]
+        return (self.conv_method,) + tuple(
+            (id(t), t._version, t.data_ptr(), fp) for t, fp in zip(items, prints, strict=True)
+        )
 
     def certified(self) -> CertifiedBound:
         """GUARANTEED upper bounds (float64, no grad, deterministic), cached until weights change.
@@ -536,9 +566,8 @@ class LipschitzBound(nn.Module):
 
 
 def _safe_norm(diff: torch.Tensor) -> torch.Tensor:
-    """Row-pair distances ``||w_t - w_i||`` with a zero (not NaN) gradient on the diagonal."""
+    """Row-pair distances ``||w_t - w_i||`` with a zero (not NaN) gradient where rows coincide."""
     sq = (diff * diff).sum(-1)
-    eye = torch.eye(sq.shape[0], dtype=torch.bool, device=sq.device)
-    safe = torch.where(eye, torch.ones_like(sq), sq)
-    return torch.where(eye, torch.zeros_like(sq), torch.sqrt(safe))
-
+    zero = torch.eye(sq.shape[0], dtype=torch.bool, device=sq.device) | (sq <= 0)
+    safe = torch.where(zero, torch.ones_like(sq), sq)
+    return torch.where(zero, torch.zeros_like(sq), torch.sqrt(safe))

@@ -2,8 +2,8 @@
 
 Three kinds of number live here, and every function says which one it returns:
 
-* a **guaranteed upper bound** (``conv_fft_bound``, ``spectral_norm_exact``, ``conv_closed_form_bound``,
-  ``schur_bound``): never below the true operator norm, up to the relative slack
+* a **guaranteed upper bound** (``conv_fft_bound``, ``spectral_norm_exact``,
+  ``conv_closed_form_bound``, ``schur_bound``): never below the true operator norm, up to the relative slack
   ``FLOAT64_SLACK`` applied to cover float64 rounding;
 * an **estimate** (``power_iteration``): converges to the norm from below, so it can under-estimate;
 * an **exact dense norm** (``dense_operator_norm``): for tests on small inputs only.
@@ -27,13 +27,27 @@ def _inflate(value: torch.Tensor) -> torch.Tensor:
     return value * (1.0 + FLOAT64_SLACK)
 
 
+def top_singular_value(m: torch.Tensor) -> torch.Tensor:
+    """Largest singular value of each matrix in a (batched, possibly complex) float64 stack.
+
+    Computed as ``sqrt(lambda_max(G))`` with ``G`` the Gram matrix of the smaller side
+    (``eigvalsh`` is much faster than an SVD). Backward-stable: the error of ``lambda_max`` is
+    about ``n * eps * sigma^2``, i.e. ~1e-13 relative for n in the thousands, far inside
+    ``FLOAT64_SLACK``.
+    """
+    mh = m.mH if m.is_complex() else m.transpose(-2, -1)
+    gram = m @ mh if m.shape[-2] <= m.shape[-1] else mh @ m
+    top = torch.linalg.eigvalsh(gram)[..., -1]
+    return torch.sqrt(top.clamp_min(0.0))
+
+
 def spectral_norm_exact(weight: torch.Tensor) -> torch.Tensor:
     """Guaranteed upper bound of ``||W||_2`` of a matrix: float64 SVD plus ``FLOAT64_SLACK``.
 
     Paper §5 / release: the exact spectral norm of fully connected layers at evaluation.
     """
     w = weight.detach().to(torch.float64).reshape(weight.shape[0], -1)
-    return _inflate(torch.linalg.matrix_norm(w, ord=2))
+    return _inflate(top_singular_value(w))
 
 
 def _as_tuple(v: int | Sequence[int], n: int) -> tuple[int, ...]:
@@ -135,8 +149,7 @@ def conv_fft_bound(
     spec = torch.fft.rfftn(w, s=grid, dim=tuple(range(2, 2 + nsp)))
     # (c_out, cin', f...) -> (f, groups, c_out/g, cin')
     spec = spec.reshape(groups, c_out // groups, spec.shape[1], -1).permute(3, 0, 1, 2)
-    sv = torch.linalg.matrix_norm(spec, ord=2)
-    return _inflate(sv.max())
+    return _inflate(top_singular_value(spec).max())
 
 
 def conv_closed_form_bound(
@@ -160,7 +173,7 @@ def conv_closed_form_bound(
     )
     c_out = w.shape[0]
     blocks = w.reshape(groups, c_out // groups, -1)
-    return _inflate(math.sqrt(n) * torch.linalg.matrix_norm(blocks, ord=2).max())
+    return _inflate(math.sqrt(n) * top_singular_value(blocks).max())
 
 
 def schur_bound(

@@ -136,9 +136,16 @@ def getitem(ctx: WalkContext, node: Node) -> torch.Tensor:
     """Selecting a tuple element, or slicing a tensor with ints/slices: 1-Lipschitz.
     Index tensors or lists may repeat entries and are refused."""
     src, index = node.args
-    if isinstance(ctx.shape(src), tuple) and ctx.shape(src) and isinstance(
-        ctx.shape(src)[0], tuple
+    if (
+        isinstance(ctx.shape(src), tuple)
+        and ctx.shape(src)
+        and isinstance(ctx.shape(src)[0], tuple)
     ):
+        if not ctx.owner._float_output[node.name]:
+            raise UnsupportedOperationError(
+                f"node {node.name!r} selects a non-floating output of {src.name!r} (e.g. pooling "
+                "indices): not Lipschitz in the input"
+            )
         return ctx.L(src)
     items = index if isinstance(index, tuple) else (index,)
     if not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items):
@@ -185,7 +192,9 @@ def gelu_module(ctx: WalkContext, node: Node) -> torch.Tensor:
 
 @register_function(F.gelu)
 def gelu_function(ctx: WalkContext, node: Node) -> torch.Tensor:
-    f = _gelu_factor(_args(ctx, node, ["input", "approximate"], {"approximate": "none"})["approximate"])
+    f = _gelu_factor(
+        _args(ctx, node, ["input", "approximate"], {"approximate": "none"})["approximate"]
+    )
     ctx.record(node, "gelu", f)
     return _first(ctx, node) * f
 
@@ -202,7 +211,9 @@ def leaky_relu_module(ctx: WalkContext, node: Node) -> torch.Tensor:
 
 @register_function(F.leaky_relu)
 def leaky_relu_function(ctx: WalkContext, node: Node) -> torch.Tensor:
-    slope = _args(ctx, node, ["input", "negative_slope"], {"negative_slope": 0.01})["negative_slope"]
+    slope = _args(ctx, node, ["input", "negative_slope"], {"negative_slope": 0.01})[
+        "negative_slope"
+    ]
     return _first(ctx, node) * max(1.0, abs(float(slope)))
 
 
@@ -239,7 +250,9 @@ _register_layers()
 # --- not globally Lipschitz: refused with an explanation ----------------------------------
 def _not_lipschitz(ctx: WalkContext, node: Node) -> torch.Tensor:
     target = ctx.module(node) if node.op == "call_module" else node.target
-    name = type(target).__name__ if node.op == "call_module" else getattr(target, "__name__", target)
+    name = (
+        type(target).__name__ if node.op == "call_module" else getattr(target, "__name__", target)
+    )
     raise UnsupportedOperationError(
         f"graph node {node.name!r} ({name}) is not globally Lipschitz (it divides by a "
         "statistic of its input or multiplies activations), so no certificate can cover it."
@@ -263,6 +276,15 @@ register_function(F.layer_norm, F.group_norm, F.softmax, F.log_softmax, torch.so
 
 
 # --- arithmetic: addition adds, constants scale -------------------------------------------
+def _copies(ctx: WalkContext, node: Node, arg: Any) -> float:
+    """sqrt of how many times broadcasting repeats each entry of ``arg`` in ``node``'s output
+    (broadcasting copies every entry equally often)."""
+    if not isinstance(arg, Node):
+        return 1.0
+    n_in, n_out = math.prod(ctx.shape(arg)), math.prod(ctx.shape(node))
+    return math.sqrt(n_out / n_in) if n_out > n_in else 1.0
+
+
 def _abs_max(value: Any) -> float:
     if isinstance(value, torch.Tensor):
         return float(value.detach().abs().max())
@@ -278,14 +300,15 @@ def _abs_min(value: Any) -> float:
 @register_function(operator.add, operator.sub, torch.add, torch.sub)
 @register_method("add", "sub")
 def add(ctx: WalkContext, node: Node) -> torch.Tensor:
-    """Residual connection / shift: ``L(a + alpha b) <= L(a) + |alpha| L(b)`` (paper §5)."""
+    """Residual connection / shift: ``L(a + alpha b) <= L(a) + |alpha| L(b)`` (paper §5), each
+    term times sqrt(copies) where broadcasting repeats an operand."""
     a = _args(ctx, node, ["input", "other", "alpha"], {"alpha": 1})
     parts = []
     la, lb = ctx.L(a["input"]), ctx.L(a["other"])
     if la is not None:
-        parts.append(la)
+        parts.append(la * _copies(ctx, node, a["input"]))
     if lb is not None:
-        parts.append(lb * abs(float(a["alpha"])))
+        parts.append(lb * abs(float(a["alpha"])) * _copies(ctx, node, a["other"]))
     total = parts[0]
     for p in parts[1:]:
         total = total + p
@@ -295,41 +318,48 @@ def add(ctx: WalkContext, node: Node) -> torch.Tensor:
 @register_function(operator.mul, torch.mul)
 @register_method("mul")
 def mul(ctx: WalkContext, node: Node) -> torch.Tensor:
-    """Multiplication by a constant ``c``: factor ``max |c|``. A product of two
-    input-dependent tensors is not globally Lipschitz and is refused."""
-    x, y = node.args[0], node.args[1]
+    """Multiplication by a constant ``c``: factor ``max |c|`` (times sqrt(copies) under
+    broadcasting). A product of two input-dependent tensors is not globally Lipschitz."""
+    a = _args(ctx, node, ["input", "other"], {})
+    x, y = a["input"], a["other"]
     lx, ly = ctx.L(x), ctx.L(y)
     if lx is not None and ly is not None:
         raise UnsupportedOperationError(
             f"graph node {node.name!r} multiplies two input-dependent tensors: not globally "
             "Lipschitz, no certificate can cover it."
         )
-    bound, const = (lx, y) if lx is not None else (ly, x)
-    return bound * _abs_max(ctx.value(const))
+    (bound, dep), const = ((lx, x), y) if lx is not None else ((ly, y), x)
+    return bound * _abs_max(ctx.value(const)) * _copies(ctx, node, dep)
 
 
 @register_function(operator.truediv, torch.div)
 @register_method("div")
 def div(ctx: WalkContext, node: Node) -> torch.Tensor:
-    """Division by a constant ``c`` (e.g. an input normalisation's std): factor ``1/min |c|``."""
-    x, y = node.args[0], node.args[1]
+    """Division by a constant ``c`` (e.g. an input normalisation's std): factor ``1/min |c|``
+    (times sqrt(copies) under broadcasting)."""
+    a = _args(ctx, node, ["input", "other"], {"rounding_mode": None})
+    x, y = a["input"], a["other"]
     if ctx.L(y) is not None:
         raise UnsupportedOperationError(
             f"graph node {node.name!r} divides by an input-dependent tensor: not globally "
             "Lipschitz, no certificate can cover it."
         )
-    if node.kwargs.get("rounding_mode") is not None:
+    if a["rounding_mode"] is not None:
         raise UnsupportedOperationError(f"node {node.name!r}: rounding division has no rule")
     smallest = _abs_min(ctx.value(y))
     if smallest == 0:
         raise UnsupportedOperationError(f"node {node.name!r}: division by zero")
-    return ctx.L(x) / smallest
+    return ctx.L(x) / smallest * _copies(ctx, node, x)
 
 
 @register_function(torch.cat, torch.concat, torch.stack)
 def cat(ctx: WalkContext, node: Node) -> torch.Tensor:
     """Concatenation of maps of the same input: ``sqrt(sum_j L_j^2)`` (paper §5)."""
-    bounds = ctx.L_all(node.args[0] if node.args else node.kwargs["tensors"])
+    tensors = node.args[0] if node.args else node.kwargs["tensors"]
+    if isinstance(tensors, Node):  # a tuple node (x.chunk(...)): each part is L(source)
+        bound = ctx.L(tensors)
+        return bound * math.sqrt(len(ctx.shape(tensors)))
+    bounds = ctx.L_all(tensors)
     return torch.sqrt(sum(b * b for b in bounds))
 
 
@@ -502,7 +532,13 @@ def _conv_norm(
 
     def apply(u: torch.Tensor) -> torch.Tensor:
         return conv(
-            u, weight, None, params["stride"], params["padding"], params["dilation"], params["groups"]
+            u,
+            weight,
+            None,
+            params["stride"],
+            params["padding"],
+            params["dilation"],
+            params["groups"],
         )
 
     def guaranteed() -> torch.Tensor:
