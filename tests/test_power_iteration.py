@@ -42,7 +42,7 @@ def test_power_iteration_converges_to_exact_norm():
     bound.train()
     for _ in range(300):
         bound(pairwise=False)
-    sigma = float(bound.last_sigmas["_0"])
+    sigma = float(bound.last_sigmas["_0"].detach())
     w = model[0].weight.detach().double()
     exact = float(norms.dense_operator_norm(lambda x: F.conv2d(x, w, None, 2, 1), (2, 10, 10)))
     assert sigma <= exact * (1 + 1e-5)

@@ -3,8 +3,8 @@
 Three kinds of number live here, and every function says which one it returns:
 
 * a **guaranteed upper bound** (``conv_fft_bound``, ``spectral_norm_exact``,
-  ``conv_closed_form_bound``, ``schur_bound``): never below the true operator norm, up to the relative slack
-  ``FLOAT64_SLACK`` applied to cover float64 rounding;
+  ``conv_closed_form_bound``, ``schur_bound``): never below the true operator norm, up to
+  the relative slack ``FLOAT64_SLACK`` applied to cover float64 rounding;
 * an **estimate** (``power_iteration``): converges to the norm from below, so it can under-estimate;
 * an **exact dense norm** (``dense_operator_norm``): for tests on small inputs only.
 """
