@@ -133,7 +133,7 @@ class WalkContext:
         return [b for b in (self.L(a) for a in args) if b is not None]
 
     def module(self, node: torch.fx.Node) -> nn.Module:
-        return self.owner._graph_module.get_submodule(str(node.target))
+        return self.owner._modules_by_node[node.name]
 
     def shape(self, arg: Any) -> tuple[int, ...]:
         """Shape without the batch dimension of a node's output (from the example run)."""
@@ -304,6 +304,12 @@ class LipschitzBound(nn.Module):
         # Not a registered submodule either: the model's weights stay out of our state_dict.
         object.__setattr__(self, "_graph_module", torch.fx.GraphModule(model, graph))
         self._record_example()
+        self._modules_by_node = {
+            n.name: self._graph_module.get_submodule(str(n.target))
+            for n in graph.nodes
+            if n.op == "call_module"
+        }
+        object.__setattr__(self, "_rules", {})
         self._find_head()
         self._find_fusions()
         self._hooks = [
@@ -436,7 +442,10 @@ class LipschitzBound(nn.Module):
             if node is self._head and pairwise and mode == "train":
                 ctx.bounds[node.name] = None  # handled per class pair at the output
                 continue
-            ctx.bounds[node.name] = self._rule_for(node)(ctx, node)
+            rule = self._rules.get(node.name)
+            if rule is None:
+                rule = self._rules[node.name] = self._rule_for(node)
+            ctx.bounds[node.name] = rule(ctx, node)
         return ctx, result
 
     def _constant_value(self, ctx: WalkContext, node: torch.fx.Node) -> Any:
