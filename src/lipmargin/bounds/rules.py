@@ -56,8 +56,9 @@ def _first(ctx: WalkContext, node: Node) -> torch.Tensor:
 
 def _scaled(factor: float, kind: str):
     def rule(ctx: WalkContext, node: Node) -> torch.Tensor:
-        if factor != 1.0:
-            ctx.record(node, kind, factor)
+        if factor == 1.0:
+            return _first(ctx, node)
+        ctx.record(node, kind, factor)
         return _first(ctx, node) * factor
 
     return rule
@@ -551,7 +552,29 @@ def _conv_norm(
         return torch.minimum(fft, closed)
 
     adjoint = _conv_adjoint(weight, params, input_shape)
-    return ctx.linear(key_node, kind, apply, input_shape, guaranteed, adjoint)
+    weight_grad = None
+    if not isinstance(params["padding"], str):
+        grad_fn = _CONV_WEIGHT_GRAD[nsp]
+
+        def weight_grad(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return grad_fn(
+                u,
+                weight.shape,
+                v,
+                params["stride"],
+                params["padding"],
+                params["dilation"],
+                params["groups"],
+            )
+
+    return ctx.linear(key_node, kind, apply, input_shape, guaranteed, adjoint, weight, weight_grad)
+
+
+_CONV_WEIGHT_GRAD = {
+    1: torch.nn.grad.conv1d_weight,
+    2: torch.nn.grad.conv2d_weight,
+    3: torch.nn.grad.conv3d_weight,
+}
 
 
 _CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -638,7 +661,14 @@ def linear(ctx: WalkContext, node: Node) -> torch.Tensor:
         ctx.in_shape(node),
         lambda: norms.spectral_norm_exact(w),
         lambda v: v @ w,
+        w,
+        _linear_weight_grad,
     )
+
+
+def _linear_weight_grad(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``<v, W u>`` w.r.t. ``W`` for inputs with any leading shape."""
+    return v.reshape(-1, v.shape[-1]).T @ u.reshape(-1, u.shape[-1])
 
 
 @register_function(F.linear)
