@@ -215,6 +215,22 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(
+        args.runs,
+        args.out,
+        data_dir=args.data_dir,
+        n=args.n,
+        analyze_n=args.analyze_n,
+        labels=args.labels,
+        progress=True,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train the Wong-Kolter net with LMT on MNIST for a short run and certify it."""
     from .certify import batches, evaluate
@@ -304,6 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
             )
         _add_data_dir(p)
         p.set_defaults(func=func)
+
+    p_rep = sub.add_parser("report", help="Markdown report with figures for one or more runs")
+    p_rep.add_argument("runs", nargs="+", help="run folders or checkpoints")
+    p_rep.add_argument("--out", required=True, help="output folder")
+    p_rep.add_argument("--n", type=int, default=1000, help="test points to certify per run")
+    p_rep.add_argument("--analyze-n", type=int, default=200, help="tightness points (0: skip)")
+    p_rep.add_argument("--labels", nargs="+", help="one label per run")
+    _add_data_dir(p_rep)
+    p_rep.set_defaults(func=cmd_report)
 
     p_demo = sub.add_parser("demo", help="short LMT run on MNIST, then certify it")
     p_demo.add_argument("--epochs", type=int, default=2)
