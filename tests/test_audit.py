@@ -35,7 +35,7 @@ def trained():
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     x, y = _blobs(1500, 0)
     bound.train()
-    for epoch in range(6):
+    for _ in range(6):
         for i in range(0, 1500, 50):
             loss = lmt_loss(model(x[i : i + 50]), y[i : i + 50], bound(), 0.3)
             opt.zero_grad()
