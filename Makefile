@@ -33,7 +33,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(if $(wildcard runs/mnist-lmt/last.safetensors),--run runs/mnist-lmt,)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
