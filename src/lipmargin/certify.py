@@ -45,7 +45,7 @@ def _check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
         raise InputError(f"labels must be integers, got dtype {y.dtype}")
     # NaN and inf propagate into the sum: one reduction instead of a full boolean mask.
-    if not bool(torch.isfinite(x.sum(dtype=torch.float64))):
+    if not bool(torch.isfinite(x.sum())):
         raise InputError("x contains NaN or infinite values")
 
 

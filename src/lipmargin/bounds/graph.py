@@ -564,15 +564,9 @@ class LipschitzBound(nn.Module):
         # Version counters miss writes through ``p.data``; a cheap value fingerprint does not.
         items = list(self.model.parameters()) + list(self.model.buffers())
         with torch.no_grad():
-            prints = [
-                (float(t.double().sum()), float(t.double().square().sum()))
-                if t.is_floating_point()
-                else (int(t.sum()), 0)
-                for t in items
-            ]
-        return (self.conv_method,) + tuple(
-            (id(t), t._version, t.data_ptr(), fp) for t, fp in zip(items, prints, strict=True)
-        )
+            sums = torch.stack([t.detach().sum().double() for t in items]) if items else None
+            prints = () if sums is None else tuple(sums.tolist())
+        return (self.conv_method, prints) + tuple((id(t), t._version, t.data_ptr()) for t in items)
 
     def certified(self) -> CertifiedBound:
         """GUARANTEED upper bounds (float64, no grad, deterministic), cached until weights change.
