@@ -44,9 +44,6 @@ def _check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
         raise InputError(f"x has {x.shape[0]} examples but y has shape {tuple(y.shape)}")
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
         raise InputError(f"labels must be integers, got dtype {y.dtype}")
-    # NaN and inf propagate into the sum: one reduction instead of a full boolean mask.
-    if not bool(torch.isfinite(x.sum())):
-        raise InputError("x contains NaN or infinite values")
 
 
 def radii_from_logits(
@@ -66,6 +63,10 @@ def radii_from_logits(
         raise InputError(f"logits {tuple(z.shape)} and labels {tuple(y.shape)} do not match")
     if y.dtype.is_floating_point or y.dtype == torch.bool:
         raise InputError(f"labels must be integers, got dtype {y.dtype}")
+    # NaN/inf in the inputs the prediction depends on propagate into the logits; checking the
+    # (N, K) logits is cheap and is exactly the condition under which a radius is meaningful.
+    if not bool(torch.isfinite(z).all()):
+        raise InputError("the logits are not finite: x contains NaN or infinite values")
     n, k = z.shape
     if n == 0:
         return torch.zeros(0, dtype=torch.float64)
