@@ -7,11 +7,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from fakedata import write_fake_mnist
 from lipmargin.audit import PAPER_RATIOS
 from lipmargin.bounds import LipschitzBound
 from lipmargin.certify import batches, evaluate
@@ -41,27 +41,6 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _idx(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    return header + array.astype(np.uint8).tobytes()
-
-
-def _fake_mnist(root: Path, n_train: int = 200, n_test: int = 100) -> Path:
-    """Class k is a bright block at a place that depends on k, over noise: learnable fast."""
-    rng = np.random.default_rng(0)
-    folder = root / "mnist"
-    folder.mkdir(parents=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for j, k in enumerate(labels):
-            r, c = divmod(int(k), 5)
-            images[j, 4 + 10 * r : 12 + 10 * r, 2 + 5 * c : 6 + 5 * c] = 230
-        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(images))
-        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(labels))
-    return root
-
-
 TINY = {
     "name": "t",
     "epochs": 2,
@@ -77,7 +56,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    data_dir = _fake_mnist(root / "data")
+    data_dir = write_fake_mnist(root / "data")
     run, run2 = root / "lmt", root / "plain"
     train(config_from_dict(TINY), run, data_dir=data_dir, progress=False)
     # same config name: the report must tell the two runs apart by folder

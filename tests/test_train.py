@@ -11,10 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from fakedata import write_fake_mnist
 from lipmargin.certify import batches, evaluate
 from lipmargin.checkpoint import load_checkpoint
 from lipmargin.config import config_from_dict, load_config
@@ -51,28 +51,6 @@ LOG_KEYS = {
 
 
 # --------------------------------------------------------------------------- fake MNIST
-
-
-def _idx(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_fake_mnist(root: Path, n_train: int = 200, n_test: int = 100, seed: int = 0) -> Path:
-    """MNIST-shaped IDX files: class k is a bright 8x4 block at a place that depends on k,
-    over uniform noise, so a few steps of training already learn something."""
-    rng = np.random.default_rng(seed)
-    folder = root / "mnist"
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for j, k in enumerate(labels):
-            r, c = divmod(int(k), 5)
-            images[j, 4 + 10 * r : 12 + 10 * r, 2 + 5 * c : 6 + 5 * c] = 230
-        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(images))
-        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(labels))
-    return root
 
 
 @pytest.fixture(scope="module")
