@@ -235,18 +235,19 @@ class WalkContext:
             if weight is not None and weight_grad is not None:
                 # oneDNN is slow for batch-1 maps; the reference kernels are 2-3x faster here.
                 with torch.no_grad(), _reference_kernels():
-                    v = apply(u)
+                    uw = u.to(weight.dtype)
+                    v = apply(uw)
                     norm_v = v.norm()
-                    grad = weight_grad(u, v / norm_v.clamp_min(1e-30))
+                    grad = weight_grad(uw, v / norm_v.clamp_min(1e-30))
                     if owner.training:
-                        self._power_step(u, v, apply, adjoint)
+                        self._power_step(u, uw, v, apply, adjoint)
                 sigma = (weight * grad).sum()
             else:
                 v = apply(u.clone())
                 sigma = v.norm()
                 if owner.training:
                     with torch.no_grad():
-                        self._power_step(u, v.detach(), apply, adjoint)
+                        self._power_step(u, u, v.detach(), apply, adjoint)
             self.sigmas[node.name] = sigma
             return sigma
         # certify
@@ -262,11 +263,12 @@ class WalkContext:
         return bound
 
     @staticmethod
-    def _power_step(u: torch.Tensor, v: torch.Tensor, apply, adjoint) -> None:
-        """``u <- A^T v / ||A^T v||`` in place, with ``v = A u``; keeps ``u`` if that is 0."""
+    def _power_step(target: torch.Tensor, u: torch.Tensor, v: torch.Tensor, apply, adjoint) -> None:
+        """``target <- A^T v / ||A^T v||`` in place, with ``v = A u`` (``u`` is ``target`` in the
+        map's dtype); keeps the old vector if that is 0."""
         w = adjoint(v) if adjoint is not None else norms.transpose_apply(apply, u, v)
         n = w.norm()
-        u.copy_(torch.where(n > 1e-12, w / n.clamp_min(1e-12), u))
+        target.copy_(torch.where(n > 1e-12, w / n.clamp_min(1e-12), u))
 
     def record(self, node: torch.fx.Node, kind: str, factor: torch.Tensor | float) -> None:
         """Add a non-linear-map layer to the per-layer breakdown (certify mode only)."""
