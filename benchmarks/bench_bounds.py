@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,7 @@ def main() -> None:
         from lipmargin.train import load_run
 
         model, _, _, _, _ = load_run(args.run)
-        rows += conv_rows(model, (1, 28, 28), f"wong_kolter ({args.run})")
+        rows += conv_rows(model, (1, 28, 28), f"wong_kolter ({Path(args.run).name})")
     nets = []
     for name, shape in [
         ("wong_kolter", (1, 28, 28)),
