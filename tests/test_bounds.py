@@ -32,15 +32,6 @@ _CONV_MOD = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread avoids oversubscription (pytest-xdist)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def dense_norm(fn, in_shape) -> float:
     """Exact ``||A||_2`` of a linear map ``fn`` on ``in_shape`` (no batch): apply ``fn`` to the
     float64 identity basis and take the largest singular value with NumPy."""

@@ -31,17 +31,6 @@ from lipmargin.certify import (
 )
 from lipmargin.errors import InputError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spinning when cores are shared
-    (pytest -n 2 on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 F64 = torch.float64
 SHAPE = (1, 3, 4)  # inputs (N, 1, 3, 4), flattened to d = 12
 D = 12

@@ -21,17 +21,6 @@ from lipmargin.cli import main
 from lipmargin.data import load_dataset
 from lipmargin.train import load_run
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spinning when cores are shared
-    (pytest -n 2 on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 REPO = Path(__file__).resolve().parents[1]
 MNIST_RADII = [0.5, 1.0, 1.58, 2.0]
 

@@ -22,17 +22,6 @@ from lipmargin.data import load_dataset
 from lipmargin.errors import CheckpointError, ConfigError
 from lipmargin.train import load_run, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spinning when cores are shared
-    (pytest -n 2 on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 REPO = Path(__file__).resolve().parents[1]
 LOG_KEYS = {
     "epoch",
