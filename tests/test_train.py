@@ -3,6 +3,7 @@ pattern): run folder contents, resume, every method, errors, and DDP against one
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -33,6 +34,8 @@ LOG_KEYS = {
     "eval_eps",
     "median_radius",
     "bound",
+    "train_estimate",
+    "guaranteed_max",
     "c",
     "lr",
     "seconds",
@@ -90,6 +93,9 @@ def test_run_folder_contents(straight_run, data_dir) -> None:
         assert 0 <= r["clean_accuracy"] <= 1 and 0 <= r["certified_accuracy"] <= 1
         assert r["certified_accuracy"] <= r["clean_accuracy"]
         assert r["c"] == 0.5 and r["lr"] == 3e-3 and r["eval_eps"] == 0.1
+        # the training estimate and the guaranteed largest K[t, i] are both logged
+        assert 0 < r["train_estimate"] and math.isfinite(r["train_estimate"])
+        assert 0 < r["guaranteed_max"] <= r["bound"] * math.sqrt(2) * (1 + 1e-6)
     assert lines[1]["loss"] < lines[0]["loss"]  # learnable data: the loss goes down
     assert record == lines[-1]
     assert json.loads((run / "config.json").read_text()) == cfg_of().to_dict()
@@ -317,6 +323,17 @@ def test_shipped_configs_parse() -> None:
     assert files
     for f in files:
         load_config(f)
+
+
+def test_ablation_variants_parse() -> None:
+    """Every variant of scripts/ablate_mnist.py is a valid config + overrides."""
+    spec = importlib.util.spec_from_file_location("ablate", REPO / "scripts" / "ablate_mnist.py")
+    ablate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablate)
+    assert "base" in ablate.VARIANTS and "paper" in ablate.VARIANTS
+    for key, (_, cfg_path, overrides) in ablate.VARIANTS.items():
+        cfg = load_config(REPO / cfg_path, overrides)
+        assert cfg.method == "lmt", key
 
 
 # --------------------------------------------------------------------------- DDP

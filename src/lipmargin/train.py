@@ -234,6 +234,7 @@ def train(
             "eval_eps": cfg.eval_eps,
             "median_radius": report.median_radius,
             "bound": report.lipschitz,
+            **_bound_gap(bound),
             "c": schedule(step),
             "lr": lr,
             "seconds": time.perf_counter() - t0,
@@ -263,6 +264,21 @@ def train(
     if world > 1:
         dist.barrier()
     return record
+
+
+def _bound_gap(bound: LipschitzBound) -> dict[str, float]:
+    """The largest training-time estimate (last mini-batch) next to the guaranteed bound.
+
+    Both are the largest entry of the pairwise K[t, i] (Prop. 2) when the net has a linear head,
+    else the global bound (Prop. 1). A guaranteed bound far above the estimate means one power-
+    iteration step per update no longer tracks the weights (learning rate too large).
+    """
+    estimate = getattr(bound, "last_estimate", None)
+    if estimate is None:
+        return {}
+    cert = bound.certified()
+    guaranteed = cert.value if cert.pairwise is None or estimate.dim() == 0 else cert.pairwise.max()
+    return {"train_estimate": float(estimate.max()), "guaranteed_max": float(guaranteed)}
 
 
 def _loss(

@@ -560,6 +560,9 @@ class LipschitzBound(nn.Module):
         ctx, (first, _) = self._walk("train", pairwise=use_pairwise)
         #: the differentiable per-layer power-iteration sigmas of this call (for baselines)
         self.last_sigmas = ctx.sigmas
+        #: the estimate this call returned, detached (training logs compare it with the
+        #: guaranteed bound to show when power iteration stops tracking the weights)
+        self.last_estimate = first.detach()
         return first
 
     def _weights_key(self) -> tuple[Any, ...]:
