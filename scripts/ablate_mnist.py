@@ -47,11 +47,21 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     "c3": ("base with c = 3", BASE, ["c=3.0"]),
     "global": ("base with the global (Prop. 1) LMT form", BASE, ['lmt_form="global"']),
     "const-lr": ("base with a constant learning rate", BASE, ["lr_milestones=[]"]),
-    "warmup": ("base with c warmed up from 0 over 10 epochs", BASE, ["c0=0.0", "c_warmup_epochs=10"]),
-    "90ep": ("base trained twice as long (90 ep, lr steps 60/80)", BASE,
-             ["epochs=90", "lr_milestones=[60, 80]"]),
-    "c4f3": ("4C3F conv net, MaxMin, c = 2, 50 ep, lr steps 35/45",
-             "configs/mnist_lmt_c4f3_maxmin.toml", []),
+    "warmup": (
+        "base with c warmed up from 0 over 10 epochs",
+        BASE,
+        ["c0=0.0", "c_warmup_epochs=10"],
+    ),
+    "90ep": (
+        "base trained twice as long (90 ep, lr steps 60/80)",
+        BASE,
+        ["epochs=90", "lr_milestones=[60, 80]"],
+    ),
+    "c4f3": (
+        "4C3F conv net, MaxMin, c = 2, 50 ep, lr steps 35/45",
+        "configs/mnist_lmt_c4f3_maxmin.toml",
+        [],
+    ),
 }
 
 
@@ -117,7 +127,7 @@ def write_table() -> str:
             + f" | {c['median_radius']:.3f} | {100 * r['final_train_accuracy']:.2f} | "
             f"{r['train_seconds_logged'] / 60:.0f} | {aud} |"
         )
-    lines += ["", "Commands (train, then `lipmargin certify runs/ablation/<key> --data-dir data`):", ""]
+    lines += ["", "Commands (then `lipmargin certify runs/ablation/<key> --data-dir data`):", ""]
     for key in VARIANTS:
         if key in rows:
             lines.append(f"- `{key}`: `{rows[key]['command']} --out runs/ablation/{key}`")
