@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "results" / "ablation"
 EPS = [0.5, 1.0, 1.58, 2.0]
 BASE = "configs/mnist_lmt_maxmin.toml"
+C4F3 = "configs/mnist_lmt_c4f3_maxmin.toml"
 
 # key: (description, config, overrides). Order is the table's order.
 VARIANTS: dict[str, tuple[str, str, list[str]]] = {
@@ -57,9 +58,16 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         BASE,
         ["epochs=90", "lr_milestones=[60, 80]"],
     ),
+    "lr1e-4": ("base with Adam lr 1e-4 (the 4C3F rows' rate)", BASE, ["lr=1e-4"]),
+    "ps10": ("base with 10 power-iteration steps per update", BASE, ["power_steps=10"]),
+    "c4f3-ps1": (
+        "4C3F, MaxMin, c = 2, lr 1e-4, 1 power step per update (paper), 45 ep, steps 32/40",
+        C4F3,
+        ["power_steps=1", "epochs=45", "lr_milestones=[32, 40]"],
+    ),
     "c4f3": (
-        "4C3F conv net, MaxMin, c = 2, 50 ep, lr steps 35/45",
-        "configs/mnist_lmt_c4f3_maxmin.toml",
+        "4C3F, MaxMin, c = 2, lr 1e-4, 10 power steps per update, 40 ep, steps 28/36",
+        C4F3,
         [],
     ),
 }

@@ -30,6 +30,7 @@ class TrainConfig:
     c_warmup_epochs: float = 0.0
     lmt_form: str = "pairwise"  # "pairwise" (Prop. 2) or "global" (Prop. 1)
     release_factor: bool = True
+    power_steps: int = 1  # power-iteration steps per update (paper Alg. 1: 1)
     # baselines
     weight_decay: float = 0.0
     snr_lambda: float = 0.01
@@ -58,7 +59,7 @@ class TrainConfig:
         def is_num(v: Any) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-        for key in ("epochs", "batch_size", "eval_n", "adv_steps", "seed"):
+        for key in ("epochs", "batch_size", "eval_n", "adv_steps", "seed", "power_steps"):
             if not is_int(getattr(self, key)):
                 raise ConfigError(f"{key} must be an integer, got {getattr(self, key)!r}")
         for key in (
@@ -97,8 +98,8 @@ class TrainConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{key} must be a non-negative number, got {value!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.eval_n < 1:
-            raise ConfigError("epochs, batch_size and eval_n must be at least 1")
+        if min(self.epochs, self.batch_size, self.eval_n, self.power_steps) < 1:
+            raise ConfigError("epochs, batch_size, eval_n and power_steps must be at least 1")
         if self.train_subset is not None and self.train_subset < 1:
             raise ConfigError("train_subset must be at least 1")
         return self

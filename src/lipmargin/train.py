@@ -126,7 +126,7 @@ def load_run(
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match model {cfg.model!r}: {exc}") from exc
     model.to(device).eval()
-    bound = LipschitzBound(model, shape)
+    bound = LipschitzBound(model, shape, power_steps=cfg.power_steps)
     bound.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("bound.")})
     return model, bound, cfg, tensors, meta
 
@@ -155,7 +155,7 @@ def train(
 
     model, shape = build_model(cfg)
     model.to(device)
-    bound = LipschitzBound(model, shape).to(device)
+    bound = LipschitzBound(model, shape, power_steps=cfg.power_steps).to(device)
     opt = _optimizer(cfg, model)
     schedule = CSchedule(cfg.c, cfg.c0, cfg.c_warmup_epochs, steps_per_epoch)
     start_epoch, step = 0, 0
