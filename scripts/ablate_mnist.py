@@ -106,6 +106,16 @@ def run_variant(key: str, data_dir: str | None, audit_n: int, x, y, train_it: bo
     return result
 
 
+def _audit_cell(r: dict) -> str:
+    a = r.get("audit")
+    return f"{len(a['broken'])} / {a['n_certified']} (first {a['n']})" if a else "not run"
+
+
+def _cert_cells(c: dict) -> str:
+    ca = c["certified_accuracy"]
+    return " | ".join(f"{100 * ca[str(float(e))]:.2f}" for e in EPS)
+
+
 def write_table() -> str:
     rows = {p.stem: json.loads(p.read_text()) for p in OUT.glob("*.json")} if OUT.exists() else {}
     lines = [
@@ -126,14 +136,11 @@ def write_table() -> str:
             continue
         r = rows[key]
         c = r["certification"]
-        ca = c["certified_accuracy"]
-        a = r.get("audit")
-        aud = f"{len(a['broken'])} / {a['n_certified']} (first {a['n']})" if a else "not run"
         lines.append(
             f"| {r['description']} | {r['epochs']} | {100 * c['clean_accuracy']:.2f} | "
-            + " | ".join(f"{100 * ca[str(float(e))]:.2f}" for e in EPS)
+            + _cert_cells(c)
             + f" | {c['median_radius']:.3f} | {100 * r['final_train_accuracy']:.2f} | "
-            f"{r['train_seconds_logged'] / 60:.0f} | {aud} |"
+            f"{r['train_seconds_logged'] / 60:.0f} | {_audit_cell(r)} |"
         )
     lines += ["", "Commands (then `lipmargin certify runs/ablation/<key> --data-dir data`):", ""]
     for key in VARIANTS:
@@ -143,6 +150,46 @@ def write_table() -> str:
     text = "\n".join(lines)
     (ROOT / "docs" / "ABLATION.md").write_text(text)
     return text
+
+
+# Published MNIST figures at L2 radius 1.58 (sources in ../shared/reference/lmt-paper-notes.md).
+LITERATURE = [
+    ("LMT paper (Tsuzuku et al., NeurIPS 2018), Wong-Kolter net, c = 1", "", "", "~1.02"),
+    ("LMT re-run in BCP (Lee et al., NeurIPS 2020)", "86.48", "40.55", ""),
+    ("GloRo (Leino et al., ICML 2021), 4C3F, MinMax", "", "62.8", ""),
+]
+README_ROWS = ["paper", "base", "c4f3-ps1", "c4f3"]
+
+
+def write_readme_table() -> None:
+    """Replace the README block between the results markers with the measured rows."""
+    rows = {p.stem: json.loads(p.read_text()) for p in OUT.glob("*.json")} if OUT.exists() else {}
+    lines = [
+        "<!-- results:start -->",
+        "| model | config | clean | cert. 0.5 | cert. 1.0 | cert. 1.58 | cert. 2.0 | median radius "
+        "| training (min) | audit: broken / certified |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, clean, c158, median in LITERATURE:
+        lines.append(f"| {label} | published | {clean} | | | {c158} | | {median} | | |")
+    for key in README_ROWS:
+        if key not in rows:
+            continue
+        r = rows[key]
+        c = r["certification"]
+        lines.append(
+            f"| lipmargin: {r['description']} | `{r['config']}`"
+            + "".join(f" `{o}`" for o in r["overrides"])
+            + f" | {100 * c['clean_accuracy']:.2f} | "
+            + _cert_cells(c)
+            + f" | {c['median_radius']:.3f} | {r['train_seconds_logged'] / 60:.0f} "
+            f"| {_audit_cell(r)} |"
+        )
+    lines.append("<!-- results:end -->")
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = text.index("<!-- results:start -->"), text.index("<!-- results:end -->")
+    readme.write_text(text[:start] + "\n".join(lines) + text[end + len("<!-- results:end -->") :])
 
 
 def main() -> None:
@@ -160,6 +207,7 @@ def main() -> None:
             c = r["certification"]
             print(key, c["clean_accuracy"], c["certified_accuracy"], c["median_radius"], flush=True)
     print(write_table())
+    write_readme_table()
 
 
 if __name__ == "__main__":
