@@ -312,9 +312,9 @@ class LipschitzBound(nn.Module):
 
     Calling the module returns a differentiable tensor: a K x K pairwise bound when the network
     ends with ``nn.Linear`` (or with ``pairwise=False``, a scalar bound of the whole logit map).
-    In training mode each call first makes ``power_steps`` (default ONE) power-iteration steps per
-    linear map. These are
-    estimates used for training; ``certified()`` gives the guaranteed numbers.
+    In training mode each call first makes ``power_steps`` (default ONE) power-iteration steps
+    per linear map. These are estimates used for training (never certificates: ``power_steps``
+    does not enter ``certified()``, which gives the guaranteed numbers).
 
     Unknown operations raise ``UnsupportedOperationError`` naming the node: nothing is ever
     assumed to be 1-Lipschitz.
