@@ -17,11 +17,15 @@ import torch
 from torch import nn
 
 from .bounds import CertifiedBound, LipschitzBound
+from .bounds.checks import check_gradients
 from .errors import InputError
 
 #: Relative slack subtracted from each logit difference: covers float32 rounding of the forward
 #: pass (and float64 rounding of the division). See ``certify``.
 MARGIN_RTOL = 1e-5
+#: Points per batch whose input-gradient norms are checked against the bound before radii are
+#: returned (``bounds.checks.check_gradients``).
+SELF_CHECK_POINTS = 2
 
 
 def _resolve(bound: LipschitzBound | CertifiedBound, allow_estimate: bool) -> CertifiedBound:
@@ -37,13 +41,32 @@ def _resolve(bound: LipschitzBound | CertifiedBound, allow_estimate: bool) -> Ce
     return cert
 
 
-def _check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+def _check_batch(x: torch.Tensor, y: torch.Tensor, cert: CertifiedBound) -> None:
+    """Refuse inputs the certificate does not cover: another shape than the bound's (convolution
+    and pooling norms depend on the input size), half precision (the margin slack covers
+    float32/float64 rounding only), a forward pass under autocast."""
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise InputError("x and y must be tensors")
-    if y.dim() != 1 or x.shape[0] != y.shape[0]:
-        raise InputError(f"x has {x.shape[0]} examples but y has shape {tuple(y.shape)}")
+    if y.dim() != 1 or x.dim() == 0 or x.shape[0] != y.shape[0]:
+        raise InputError(f"x has shape {tuple(x.shape)} but y has shape {tuple(y.shape)}")
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
         raise InputError(f"labels must be integers, got dtype {y.dtype}")
+    if cert.input_shape is not None and tuple(x.shape[1:]) != tuple(cert.input_shape):
+        raise InputError(
+            f"inputs have shape {tuple(x.shape[1:])} (without batch) but the bound was computed "
+            f"for {tuple(cert.input_shape)}: build LipschitzBound(model, input_shape="
+            f"{tuple(x.shape[1:])}) to certify them"
+        )
+    if x.dtype not in (torch.float32, torch.float64):
+        raise InputError(
+            f"inputs are {x.dtype}: certificates cover float32/float64 forward passes only "
+            "(the margin slack covers their rounding); convert with x.float()"
+        )
+    if torch.is_autocast_enabled(x.device.type):
+        raise InputError(
+            "certification under torch.autocast: the forward pass would run in low precision, "
+            "which the margin slack does not cover; certify outside autocast"
+        )
 
 
 def radii_from_logits(
@@ -107,18 +130,24 @@ def certify(
     Prop. 1 (``margin / (sqrt(2) L)``). The bound is the guaranteed one from
     ``LipschitzBound.certified()`` (computed once and cached, so this costs one forward pass).
 
+    Before returning radii, input-gradient norms at the first ``SELF_CHECK_POINTS`` examples are
+    checked against the bound (``bounds.checks.check_gradients``; ``CertificationError`` if one
+    exceeds it). ``x`` must have the bound's input shape and be float32/float64.
+
     Floating point: the forward pass runs in the model's dtype; logits are converted to float64
     and every difference ``z_t - z_i`` is reduced by ``rtol * (|z_t| + |z_i|)`` (default 1e-5,
     about 100 float32 ulps) before division, to cover rounding in the forward pass. The model is
     evaluated in evaluation mode, which is the function the bound covers.
     """
-    _check_batch(x, y)
     cert = _resolve(bound, allow_estimate)
+    _check_batch(x, y, cert)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             logits = model(x)
+        if cert.guaranteed:
+            check_gradients(model, x, cert, points=SELF_CHECK_POINTS)
     finally:
         model.train(was_training)
     return radii_from_logits(logits, y, cert, rtol=rtol)
@@ -184,9 +213,10 @@ def evaluate(
     model.eval()
     try:
         for xb, yb in batches:
-            _check_batch(xb, yb)
+            _check_batch(xb, yb, cert)
             with torch.no_grad():
                 logits = model(xb)
+            check_gradients(model, xb, cert, points=SELF_CHECK_POINTS)
             radii.append(radii_from_logits(logits, yb, cert, rtol=rtol).cpu())
             correct.append((logits.argmax(1) == yb.to(logits.device)).cpu())
     finally:

@@ -23,3 +23,9 @@ class ConfigError(LipmarginError):
 
 class InputError(LipmarginError):
     """Bad input to a public function: wrong shape, NaN, wrong dtype."""
+
+
+class CertificationError(LipmarginError):
+    """A soundness check failed: the traced graph does not compute what the model computes, the
+    model is not deterministic, or an input-gradient norm exceeds the bound. No certificate is
+    returned."""

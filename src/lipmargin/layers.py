@@ -126,6 +126,12 @@ class LipmarginTracer(torch.fx.Tracer):
         """True for lipmargin's activation layers, otherwise the default ``torch.fx`` rule."""
         if isinstance(m, LEAF_MODULES):
             return True
+        # A class the user registered a rule for (lipmargin.bounds.register_module) must stay one
+        # node, or its rule would never be used.
+        from lipmargin.bounds.registry import MODULE_RULES
+
+        if type(m) in MODULE_RULES:
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
 

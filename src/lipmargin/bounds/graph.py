@@ -16,6 +16,9 @@ operator family (see ``rules.py``). The same walk runs in three modes:
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,13 +29,14 @@ from torch import nn
 
 from ..errors import InputError, UnsupportedOperationError
 from ..layers import LipmarginTracer
-from . import norms
+from . import checks, norms
 from .registry import FUNCTION_RULES, METHOD_RULES, find_module_rule
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 CONV_METHODS = ("fft", "closed_form", "power")
+_INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ipow", "imatmul", "iand", "ior"}
 
 
 @dataclass
@@ -66,6 +70,8 @@ class CertifiedBound:
     layers: list[LayerRow] = field(default_factory=list)
     conv_method: str = "fft"
     guaranteed: bool = True
+    #: the input shape (without batch) the bound was computed for; ``certify`` refuses others
+    input_shape: tuple[int, ...] | None = None
 
 
 @contextlib.contextmanager
@@ -225,10 +231,15 @@ class WalkContext:
         owner = self.owner
         key = "u_" + node.name
         if self.mode == "init":
-            g = torch.Generator().manual_seed(owner.seed + len(owner._vector_names))
-            u = torch.randn((1, *input_shape), generator=g)
-            owner.register_buffer(key, u / u.norm())
-            owner._vector_names.append(key)
+            shape = (1, *input_shape)
+            old = owner._buffers.get(key)
+            if old is None or tuple(old.shape) != shape:
+                # created on the model's device, like the weights it iterates with
+                g = torch.Generator().manual_seed(owner.seed + len(owner._vector_names))
+                u = torch.randn(shape, generator=g)
+                owner.register_buffer(key, (u / u.norm()).to(owner._device()))
+            if key not in owner._vector_names:
+                owner._vector_names.append(key)
             return self.const(1.0)
         u = getattr(owner, key)
         if self.mode == "train":
@@ -346,36 +357,75 @@ class LipschitzBound(nn.Module):
         self._vector_names: list[str] = []
         self._batch_var: dict[str, torch.Tensor] = {}
         self._cache: tuple[Any, CertifiedBound] | None = None
-
-        try:
-            graph = LipmarginTracer().trace(model)
-        except Exception as exc:  # torch.fx raises many types
-            raise UnsupportedOperationError(
-                f"could not trace the model with torch.fx: {exc}. The bound needs a model "
-                "without data-dependent Python control flow."
-            ) from exc
-        # Not a registered submodule either: the model's weights stay out of our state_dict.
-        object.__setattr__(self, "_graph_module", torch.fx.GraphModule(model, graph))
-        self._record_example()
-        self._modules_by_node = {
-            n.name: self._graph_module.get_submodule(str(n.target))
-            for n in graph.nodes
-            if n.op == "call_module"
-        }
-        object.__setattr__(self, "_rules", {})
-        self._find_head()
-        self._find_fusions()
-        self._hooks = [
-            self.module_of(bn.name).register_forward_hook(self._make_bn_hook(bn.name))
-            for bn in self._fused.values()
-        ]
-        self._walk("init")
+        self._structure: tuple[Any, ...] | None = None
+        _check_tensors(model, certify=False)
+        self._build(*self._trace())
+        weakref.finalize(self, _unwatch_dead)
+        if _dtype_of(model) in (torch.float32, torch.float64):
+            # Defence in depth (docs/SOUNDNESS.md): refuse at once a model whose trace does not
+            # compute what it computes; certified() checks again for the model as it is then.
+            checks.check_trace(
+                model, self._graph_module, self.input_shape,
+                dtype=_dtype_of(model), device=self._device(),
+            )
 
     # -- set-up ------------------------------------------------------------------------
     def _device(self) -> torch.device:
-        for p in self.model.parameters():
-            return p.device
+        for t in itertools.chain(self.model.parameters(), self.model.buffers()):
+            return t.device
         return torch.device("cpu")
+
+    def _trace(self) -> tuple[torch.fx.GraphModule, tuple[Any, ...]]:
+        """A fresh trace of the model in evaluation mode (the function certificates cover) and
+        its structural signature: the generated code (Python constants read in ``forward`` are
+        literals there), the identity of every submodule, of its hooks and of every tensor the
+        graph reads."""
+        with checks.eval_mode(self.model):
+            try:
+                graph = LipmarginTracer().trace(self.model)
+            except Exception as exc:  # torch.fx raises many types
+                raise UnsupportedOperationError(
+                    f"could not trace the model with torch.fx: {exc}. The bound needs a model "
+                    "without data-dependent Python control flow."
+                ) from exc
+        gm = torch.fx.GraphModule(self.model, graph)
+        modules = tuple(
+            (name, id(m), type(m), tuple(map(id, m._forward_hooks.values())))
+            + tuple(map(id, m._forward_pre_hooks.values()))
+            for name, m in self.model.named_modules()
+        )
+        attrs = tuple(
+            id(_getattr_path(self.model, str(n.target)))
+            for n in graph.nodes
+            if n.op == "get_attr"
+        )
+        return gm, (gm.code, modules, attrs)
+
+    def _build(self, gm: torch.fx.GraphModule, structure: tuple[Any, ...]) -> None:
+        """(Re)build everything derived from the trace; power-iteration vectors of unchanged
+        linear maps are kept."""
+        # Not a registered submodule: the model's weights stay out of our state_dict.
+        object.__setattr__(self, "_graph_module", gm)
+        self._structure = structure
+        self._cache = None
+        self._record_example()
+        graph = gm.graph
+        self._modules_by_node = {
+            n.name: gm.get_submodule(str(n.target)) for n in graph.nodes if n.op == "call_module"
+        }
+        object.__setattr__(self, "_rules", {})
+        self.__dict__.pop("_factor_cache", None)
+        self._find_head()
+        self._find_fusions()
+        _watch(self, {bn.name: self.module_of(bn.name) for bn in self._fused.values()})
+        self._walk("init")
+
+    def _sync(self) -> None:
+        """Re-trace; rebuild when the model's structure changed since the last trace (a submodule
+        replaced, a Python attribute read in ``forward`` changed, ...)."""
+        gm, structure = self._trace()
+        if structure != self._structure:
+            self._build(gm, structure)
 
     def module_of(self, node_name: str) -> nn.Module:
         node = self._nodes[node_name]
@@ -389,21 +439,16 @@ class LipschitzBound(nn.Module):
             raise UnsupportedOperationError(
                 f"the model's forward must take exactly one input, got {len(placeholders)}"
             )
-        dtype = next((p.dtype for p in self.model.parameters()), torch.float32)
+        dtype = _dtype_of(self.model)
         example = torch.zeros((1, *self.input_shape), device=self._device(), dtype=dtype)
-        modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
         try:
             rec = _Recorder(gm)
-            with torch.no_grad():
+            with checks.eval_mode(self.model), torch.no_grad():
                 out = rec.run(example)
         except Exception as exc:
             raise InputError(
                 f"running the model on an input of shape {tuple(example.shape)} failed: {exc}"
             ) from exc
-        finally:
-            for m, t in modes.items():
-                m.train(t)
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
             raise InputError("the model must return one (N, K) tensor of logits")
         self.num_classes = int(out.shape[1])
@@ -444,7 +489,7 @@ class LipschitzBound(nn.Module):
         if (
             isinstance(arg, torch.fx.Node)
             and arg.op == "call_module"
-            and isinstance(self._graph_module.get_submodule(str(arg.target)), nn.Linear)
+            and type(self._graph_module.get_submodule(str(arg.target))) is nn.Linear
             and len(arg.users) == 1
         ):
             self._head = arg
@@ -455,25 +500,16 @@ class LipschitzBound(nn.Module):
             if n.op != "call_module":
                 continue
             m = self._graph_module.get_submodule(str(n.target))
-            if not isinstance(m, _BN_TYPES):
+            if type(m) not in _BN_TYPES:
                 continue
             src = n.args[0]
             if (
                 isinstance(src, torch.fx.Node)
                 and src.op == "call_module"
-                and isinstance(self._graph_module.get_submodule(str(src.target)), _CONV_TYPES)
+                and type(self._graph_module.get_submodule(str(src.target))) in _CONV_TYPES
                 and len(src.users) == 1
             ):
                 self._fused[src.name] = n
-
-    def _make_bn_hook(self, bn_name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
-            if module.training and torch.is_grad_enabled():
-                x = inputs[0]
-                dims = [d for d in range(x.dim()) if d != 1]
-                self._batch_var[bn_name] = x.var(dim=dims, unbiased=False)
-
-        return hook
 
     # -- the walk ----------------------------------------------------------------------
     def _walk(self, mode: str, pairwise: bool = True) -> tuple[WalkContext, Any]:
@@ -519,6 +555,13 @@ class LipschitzBound(nn.Module):
         return self._constants[node.name]
 
     def _rule_for(self, node: torch.fx.Node) -> Callable[[WalkContext, torch.fx.Node], Any]:
+        src = node.args[0] if node.args else None
+        if self._writes_in_place(node) and isinstance(src, torch.fx.Node) and len(src.users) > 1:
+            raise UnsupportedOperationError(
+                f"graph node {node.name!r} modifies {src.name!r} in place, and {src.name!r} is "
+                "used again elsewhere: the traced graph would not compute what the model "
+                "computes. Use the out-of-place form (inplace=False)."
+            )
         rule = None
         what = ""
         if node.op == "call_module":
@@ -539,6 +582,17 @@ class LipschitzBound(nn.Module):
                 "register_function / register_method; see README 'Supported operations'."
             )
         return rule
+
+    def _writes_in_place(self, node: torch.fx.Node) -> bool:
+        """True for an operation that overwrites its first argument."""
+        if node.op == "call_module":
+            return getattr(self._graph_module.get_submodule(str(node.target)), "inplace", False)
+        if node.kwargs.get("inplace", False) is True:
+            return True
+        if node.op == "call_method":
+            name = str(node.target)
+            return name.endswith("_") and not name.endswith("__")
+        return getattr(node.target, "__name__", "") in _INPLACE_OPERATORS
 
     def _output(self, ctx: WalkContext, node: torch.fx.Node, pairwise: bool) -> Any:
         arg = node.args[0]
@@ -580,24 +634,61 @@ class LipschitzBound(nn.Module):
         self.last_estimate = first.detach()
         return first
 
-    def _weights_key(self) -> tuple[Any, ...]:
-        # Version counters miss writes through ``p.data``; a cheap value fingerprint does not.
-        items = list(self.model.parameters()) + list(self.model.buffers())
-        with torch.no_grad():
-            sums = torch.stack([t.detach().sum().double() for t in items]) if items else None
-            prints = () if sums is None else tuple(sums.tolist())
-        return (self.conv_method, prints) + tuple((id(t), t._version, t.data_ptr()) for t in items)
+    def _digest(self) -> bytes:
+        """Content digest of every tensor the model holds (parameters, buffers and plain tensor
+        attributes such as the ``weight`` legacy ``weight_norm`` recomputes) and of every simple
+        Python attribute of its modules (strides, slopes, eps, ...). A write through ``p.data``
+        that keeps the sum, a changed ``eps``: all change the digest."""
+        h = hashlib.blake2b(digest_size=20)
+        seen: set[int] = set()
+        for name, mod in self.model.named_modules():
+            h.update(f"<{name}:{type(mod).__qualname__}>".encode())
+            tensors = itertools.chain(
+                mod._parameters.items(),
+                mod._buffers.items(),
+                ((k, v) for k, v in vars(mod).items() if isinstance(v, torch.Tensor)),
+            )
+            for key, t in tensors:
+                if t is None or id(t) in seen:
+                    continue
+                seen.add(id(t))
+                t = t.detach()
+                h.update(f"{key}{t.dtype}{tuple(t.shape)}".encode())
+                h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            simple = sorted(
+                (k, repr(v))
+                for k, v in vars(mod).items()
+                if k != "training" and not k.startswith("_") and _is_simple(v)
+            )
+            h.update(repr(simple).encode())
+        return h.digest()
 
     def certified(self) -> CertifiedBound:
-        """GUARANTEED upper bounds (float64, no grad, deterministic), cached until weights change.
+        """GUARANTEED upper bounds (float64, no grad, deterministic) for the model AS IT IS NOW.
+
+        Every call re-traces the model (milliseconds) and rebuilds when its structure changed;
+        the result is cached under a content digest of all the model's tensors and simple
+        attributes, so an unchanged model costs a trace and a hash. When computing, three
+        defences run (docs/SOUNDNESS.md): the model's tensors must be finite float32/float64
+        values on a real device; the traced graph must compute what the eager model computes
+        (``checks.check_trace``); and input-gradient norms at random points must not exceed the
+        result (``checks.check_gradients``). Failures raise ``CertificationError``.
 
         The model is bounded as it computes in evaluation mode (running BatchNorm statistics,
         dropout as identity). Every operator norm is a guaranteed bound inflated by
         ``FLOAT64_SLACK`` for float64 rounding, except with ``conv_method="power"``.
         """
-        key = self._weights_key()
-        if self._cache is not None and self._cache[0] == key:
+        _check_tensors(self.model, certify=True)
+        self._sync()
+        if self._cache is not None and self._cache[0] == (self.conv_method, self._digest()):
             return self._cache[1]
+        dtype, device = _dtype_of(self.model), self._device()
+        checks.check_trace(
+            self.model, self._graph_module, self.input_shape, dtype=dtype, device=device
+        )
+        # after the eager forward above: forward pre-hooks (legacy weight_norm) have refreshed
+        # the weights the walk reads
+        key = (self.conv_method, self._digest())
         with torch.no_grad():
             ctx, (pair, value) = self._walk("certify", pairwise=True)
         if self._head is None:
@@ -613,7 +704,12 @@ class LipschitzBound(nn.Module):
             layers=ctx.rows,
             conv_method=self.conv_method,
             guaranteed=self.conv_method != "power",
+            input_shape=self.input_shape,
         )
+        if result.guaranteed:
+            g = torch.Generator().manual_seed(self.seed)
+            x = torch.randn((4, *self.input_shape), generator=g, dtype=torch.float64)
+            checks.check_jacobians(self.model, x.to(device=device, dtype=dtype), result)
         self._cache = (key, result)
         return result
 
@@ -630,3 +726,99 @@ def _safe_norm(diff: torch.Tensor) -> torch.Tensor:
     zero = torch.eye(sq.shape[0], dtype=torch.bool, device=sq.device) | (sq <= 0)
     safe = torch.where(zero, torch.ones_like(sq), sq)
     return torch.where(zero, torch.zeros_like(sq), torch.sqrt(safe))
+
+
+def _is_simple(v: Any) -> bool:
+    if isinstance(v, (bool, int, float, str, type(None))):
+        return True
+    return isinstance(v, tuple) and all(isinstance(a, (bool, int, float, str)) for a in v)
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _check_tensors(model: nn.Module, *, certify: bool) -> None:
+    """Clear errors instead of raw ones deep in the walk: meta tensors always; when certifying
+    also half precision (the margin slack covers float32/float64 rounding only) and NaN/Inf."""
+    named = itertools.chain(model.named_parameters(), model.named_buffers())
+    for name, t in named:
+        if t.is_meta:
+            raise InputError(
+                f"model tensor {name!r} is on the meta device (not materialised): load real "
+                "weights first (e.g. model.to_empty(device='cpu') then load_state_dict)"
+            )
+        if not certify or not t.is_floating_point():
+            continue
+        if t.dtype not in (torch.float32, torch.float64):
+            raise InputError(
+                f"model tensor {name!r} is {t.dtype}: certificates cover float32/float64 "
+                "forward passes only (their rounding slack); call model.float() to certify"
+            )
+        if not bool(torch.isfinite(t.detach()).all()):
+            raise InputError(f"model tensor {name!r} contains NaN or infinite values")
+
+
+# -- training-time BatchNorm batch variance -------------------------------------------------
+# Paper §5 / release: while training, a convolution followed by BatchNorm is bounded with the
+# batch variance, and gradients flow into it. One process-wide forward hook records it for the
+# BatchNorm modules some live bound watches: nothing is attached to the user's modules, so
+# ``torch.save(model)`` and ``torch.jit.script(model)`` work and hooks never accumulate.
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[Any, str]]] = (
+    weakref.WeakKeyDictionary()
+)
+_HOOK: Any = None
+
+
+def _watch(bound: LipschitzBound, modules: dict[str, nn.Module]) -> None:
+    global _HOOK
+    for entries in list(_WATCHED.values()):
+        entries.pop(id(bound), None)
+    ref = weakref.ref(bound)
+    for name, module in modules.items():
+        _WATCHED.setdefault(module, {})[id(bound)] = (ref, name)
+    _unwatch_dead()
+    if _WATCHED and _HOOK is None:
+        _HOOK = torch.nn.modules.module.register_module_forward_hook(_batch_variance_hook)
+
+
+def _unwatch_dead() -> None:
+    """Drop entries of bounds that no longer exist; remove the global hook when none is left."""
+    global _HOOK
+    for module, entries in list(_WATCHED.items()):
+        for key, (ref, _) in list(entries.items()):
+            if ref() is None:
+                del entries[key]
+        if not entries:
+            del _WATCHED[module]
+    if not _WATCHED and _HOOK is not None:
+        _HOOK.remove()
+        _HOOK = None
+
+
+def _batch_variance_hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+    entries = _WATCHED.get(module)
+    if not entries or not module.training or not torch.is_grad_enabled():
+        return
+    x = inputs[0]
+    var = x.var(dim=[d for d in range(x.dim()) if d != 1], unbiased=False)
+    owners = []
+    for ref, name in list(entries.values()):
+        bound = ref()
+        if bound is not None:
+            bound._batch_var[name] = var
+            owners.append((weakref.ref(bound), name))
+    if isinstance(output, torch.Tensor) and output.requires_grad:
+        # Once backward has gone through this forward its graph is freed: forget the variance,
+        # so a bound() called before the next model(x) falls back to the running variance
+        # instead of failing with "backward through the graph a second time".
+        def forget(_grad: torch.Tensor) -> None:
+            for r, name in owners:
+                b = r()
+                if b is not None and b._batch_var.get(name) is var:
+                    del b._batch_var[name]
+
+        output.register_hook(forget)

@@ -64,8 +64,15 @@ def register_method(*names: str) -> Callable[[Rule], Rule]:
 
 
 def find_module_rule(module: object) -> Rule | None:
-    """The rule for the most specific registered class in ``type(module)``'s MRO."""
-    for cls in type(module).__mro__:
+    """The rule for the most specific registered class in ``type(module)``'s MRO.
+
+    A subclass inherits its base's rule only when it does not override ``forward``: a
+    ``class MyConv(nn.Conv2d)`` with its own ``forward`` computes something else, so it gets no
+    rule (and is refused) rather than the convolution's."""
+    kind = type(module)
+    for cls in kind.__mro__:
         if cls in MODULE_RULES:
+            if cls is not kind and getattr(kind, "forward", None) is not getattr(cls, "forward"):
+                return None
             return MODULE_RULES[cls]
     return None

@@ -24,6 +24,8 @@ from .graph import WalkContext
 from .registry import register_function, register_method, register_module
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+#: numpy-style keyword spellings torch accepts (``x.mean(axis=1)``, ``keepdims=True``)
+_KEYWORD_ALIASES = {"axis": "dim", "keepdims": "keepdim"}
 
 
 def _args(
@@ -39,7 +41,15 @@ def _args(
     out = dict(defaults)
     for name, value in zip(names, node.args, strict=False):
         out[name] = value
-    out.update(node.kwargs)
+    for key, value in node.kwargs.items():
+        key = _KEYWORD_ALIASES.get(key, key)
+        if key not in names and key not in defaults:
+            # An argument the rule does not read could change what the node computes (e.g. a
+            # reduction's ``axis``): refuse rather than guess.
+            raise UnsupportedOperationError(
+                f"node {node.name!r}: keyword argument {key!r} has no rule (known: {names})"
+            )
+        out[key] = value
 
     def resolve(a: Node) -> Any:
         return a if ctx.L(a) is not None else ctx.value(a)
@@ -91,10 +101,6 @@ register_function(
     torch.squeeze,
     torch.unsqueeze,
     torch.clone,
-    F.dropout,
-    F.dropout1d,
-    F.dropout2d,
-    F.dropout3d,
     operator.pos,
     operator.neg,
     torch.neg,
@@ -118,6 +124,34 @@ register_method(
     "unbind",
     "float",
 )(identity)
+
+
+#: functional dropouts and whether each is active by default (``training`` argument)
+_DROPOUT_DEFAULT_TRAINING = {
+    F.dropout: True,
+    F.dropout1d: True,
+    F.dropout2d: True,
+    F.dropout3d: True,
+    F.alpha_dropout: False,
+    F.feature_alpha_dropout: False,
+}
+
+
+@register_function(*_DROPOUT_DEFAULT_TRAINING)
+def functional_dropout(ctx: WalkContext, node: Node) -> torch.Tensor:
+    """Functional dropout is the identity only when inactive (``training=False`` or ``p=0``).
+    ``F.dropout(x, p)`` without ``training=self.training`` stays active in ``eval()`` (it
+    scales kept entries by 1/(1-p) at random) and is refused. The model is traced in
+    evaluation mode, so ``training=self.training`` reads False."""
+    default = _DROPOUT_DEFAULT_TRAINING[node.target]
+    a = _args(ctx, node, ["input", "p", "training", "inplace"], {"p": 0.5, "training": default})
+    if a["training"] is not False and float(a["p"]) != 0.0:
+        raise UnsupportedOperationError(
+            f"node {node.name!r}: {node.target.__name__}(..., training=True) is active in "
+            "evaluation mode (random, scales by 1/(1-p)); pass training=self.training or use "
+            "nn.Dropout"
+        )
+    return _first(ctx, node)
 
 
 @register_function(F.pad)
@@ -212,7 +246,7 @@ def leaky_relu_module(ctx: WalkContext, node: Node) -> torch.Tensor:
 
 @register_function(F.leaky_relu)
 def leaky_relu_function(ctx: WalkContext, node: Node) -> torch.Tensor:
-    slope = _args(ctx, node, ["input", "negative_slope"], {"negative_slope": 0.01})[
+    slope = _args(ctx, node, ["input", "negative_slope", "inplace"], {"negative_slope": 0.01})[
         "negative_slope"
     ]
     return _first(ctx, node) * max(1.0, abs(float(slope)))
@@ -226,7 +260,7 @@ def elu_module(ctx: WalkContext, node: Node) -> torch.Tensor:
 
 @register_function(F.elu)
 def elu_function(ctx: WalkContext, node: Node) -> torch.Tensor:
-    alpha = _args(ctx, node, ["input", "alpha"], {"alpha": 1.0})["alpha"]
+    alpha = _args(ctx, node, ["input", "alpha", "inplace"], {"alpha": 1.0})["alpha"]
     return _first(ctx, node) * max(1.0, abs(float(alpha)))
 
 
@@ -365,7 +399,7 @@ def cat(ctx: WalkContext, node: Node) -> torch.Tensor:
 
 
 def _reduced_count(ctx: WalkContext, node: Node) -> int:
-    a = _args(ctx, node, ["input", "dim", "keepdim"], {"dim": None})
+    a = _args(ctx, node, ["input", "dim", "keepdim", "dtype"], {"dim": None})
     shape = ctx.shape(a["input"])
     dim = a["dim"]
     if dim is None:

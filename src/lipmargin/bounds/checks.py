@@ -1,0 +1,279 @@
+"""Defences in depth for certificates: checks that catch what no rule knows about.
+
+The bound is computed on a ``torch.fx`` trace of the model, read functionally (each node's value
+is a pure function of its arguments). Three ways a plain PyTorch model can differ from that
+reading, and the check that catches each (docs/SOUNDNESS.md):
+
+* **Trace equivalence** (:func:`check_trace`): the eager model and the traced graph, run node by
+  node on private copies of every argument (so an in-place write cannot reach another node)
+  and without module hooks, must give the same logits on random inputs of the bound's shape.
+  This catches in-place writes through aliases (``out = h; out += x``), Python state baked into
+  the trace, hooks that change outputs, and models replaced after tracing. The same run checks
+  that the model is deterministic in evaluation mode (``F.dropout`` left active) and that each
+  example's output does not depend on the rest of the batch.
+* **Mutation check** (inside :func:`check_trace`): running the graph with ordinary semantics,
+  a node's output must not change after it was computed (an in-place operation on a tensor
+  that is used again); the error names the node.
+* **Gradient self-check**: at random points of the bound's shape, the full Jacobian of the
+  logits must respect every constant of the certificate (:func:`check_jacobians`, in
+  ``certified()``); at the points being certified, the input-gradient norm of ``F_t - F_i``
+  must not exceed ``pairwise[t, i]`` (:func:`check_gradients`, in ``certify``/``evaluate``).
+  Any local Jacobian norm is a LOWER bound of the true Lipschitz constant, so a violation
+  proves the bound wrong, whatever the cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from ..errors import CertificationError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .graph import CertifiedBound
+
+#: Relative tolerance of the gradient self-check: float32 gradients are accurate to about 1e-6
+#: relative; a wrong rule is off by far more.
+GRADIENT_RTOL = 1e-4
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every submodule in evaluation mode for the duration, then each restored as it was."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes.items():
+            m.train(t)
+
+
+def _clone(v: Any) -> Any:
+    return v.clone() if isinstance(v, torch.Tensor) else v
+
+
+class _FunctionalRun(torch.fx.Interpreter):
+    """Runs the graph as the bound reads it: every argument is a private copy (in-place writes
+    stay local to their node) and modules run ``forward`` without hooks."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            args, kwargs = tree_map(_clone, (args, kwargs))
+            return getattr(self, n.op)(n.target, args, kwargs)
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return self.fetch_attr(str(target)).forward(*args, **kwargs)
+
+
+class _MutationRun(torch.fx.Interpreter):
+    """Runs the graph with ordinary semantics and keeps a copy of every node's output, to find
+    outputs that a later in-place operation changed."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm)
+        self.snapshots: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        # A tensor read by one node only may be overwritten by it (``relu(inplace=True)`` on a
+        # fresh tensor): nobody sees the old value. Shared ones must stay as computed.
+        if isinstance(out, torch.Tensor) and n.op != "output" and len(n.users) > 1:
+            self.snapshots.append((n.name, out, out.clone()))
+        return out
+
+    def mutated(self) -> list[str]:
+        return [
+            name
+            for name, ref, copy in self.snapshots
+            if ref.shape != copy.shape or not _same(ref, copy, 0.0)
+        ]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    if a.shape != b.shape:
+        return False
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    diff = (a - b).abs().masked_fill(both_nan, 0.0)
+    return bool((diff <= tol).all())
+
+
+def _tolerance(ref: torch.Tensor, rel: float) -> float:
+    scale = float(ref.detach().abs().max()) if ref.numel() else 0.0
+    return rel * (1.0 + scale)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def check_trace(
+    model: nn.Module,
+    gm: torch.fx.GraphModule,
+    input_shape: Sequence[int],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    examples: int = 3,
+    seed: int = 0,
+) -> None:
+    """Raise ``CertificationError`` unless the traced graph, read functionally, computes what the
+    eager model computes in evaluation mode (see the module docstring).
+
+    Runs on ``examples`` standard-normal inputs of shape ``input_shape`` (a fixed seed), in
+    evaluation mode, without gradients. Tolerances: 1e-5 relative to the logit scale in float32
+    (the same kernels run in the same order, so results agree to rounding), 1e-4 for the batch
+    independence check (batch-1 kernels may differ), 1e-12 / 1e-10 in float64.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((examples, *input_shape), generator=g, dtype=torch.float64)
+    x = x.to(device=device, dtype=dtype)
+    rel = 1e-12 if dtype == torch.float64 else 1e-5
+    with eval_mode(model), torch.no_grad():
+        first = model(x)
+        if not isinstance(first, torch.Tensor) or first.shape[:1] != (examples,):
+            raise CertificationError(
+                "the model must return one (N, K) tensor of logits for an (N, ...) input"
+            )
+        second = model(x)
+        singles = torch.cat([model(x[i : i + 1]) for i in range(examples)])
+        mutation = _MutationRun(gm)
+        mutation.run(x)
+        functional = _FunctionalRun(gm).run(x)
+    tol = _tolerance(first, rel)
+    if not _same(first, second, tol):
+        raise CertificationError(
+            "the model is not deterministic in evaluation mode: two forward passes on the same "
+            f"input differ by {_max_diff(first, second):.3g}. Typical causes: F.dropout(x, p) "
+            "without training=self.training, random noise in forward. A certificate needs a "
+            "deterministic function."
+        )
+    if not _same(first, singles, _tolerance(first, rel * 10)):
+        raise CertificationError(
+            "the output for one example depends on the other examples of the batch (max "
+            f"difference {_max_diff(first, singles):.3g} between batched and one-by-one "
+            "evaluation); per-example certificates need independent examples."
+        )
+    changed = mutation.mutated()
+    if changed:
+        raise CertificationError(
+            f"graph node {changed[0]!r} is modified in place after it was computed (an in-place "
+            "operation such as `+=`, `.add_()` or `inplace=True` on a tensor that is used "
+            "again); the bound would describe a different function. Use the out-of-place form."
+        )
+    if not isinstance(functional, torch.Tensor) or not _same(first, functional, tol):
+        diff = _max_diff(first, functional) if isinstance(functional, torch.Tensor) else math.inf
+        raise CertificationError(
+            "the traced graph does not compute what the model computes (max logit difference "
+            f"{diff:.3g} on random inputs). Typical causes: an in-place operation on a tensor "
+            "used again (`out = h; out += x`), a forward hook or a monkey-patched forward, "
+            "Python state read in forward. The bound would describe a different function."
+        )
+
+
+def check_jacobians(
+    model: nn.Module, x: torch.Tensor, cert: CertifiedBound, *, rtol: float = GRADIENT_RTOL
+) -> None:
+    """The strong form of the self-check, run by ``certified()`` at random points: the full
+    Jacobian ``J`` (K x D) of the logits at each row of ``x`` (K backward passes), then
+    ``||J_t - J_i|| <= pairwise[t, i]`` for EVERY class pair and ``||J||_2 <= value`` (exact
+    spectral norm of the K x K Gram matrix, float64). Each is a local Lipschitz constant, a
+    lower bound of the true one, so a violation proves the bound wrong."""
+    xs = x.detach().clone().requires_grad_(True)
+    with eval_mode(model), torch.enable_grad():
+        z = model(xs)
+        if not z.requires_grad:
+            return
+        n, k = z.shape
+        rows = []
+        for c in range(k):
+            (g,) = torch.autograd.grad(z[:, c].sum(), xs, retain_graph=c < k - 1)
+            rows.append(g.detach().flatten(1).to(torch.float64))
+    jac = torch.stack(rows, dim=1).cpu()  # (N, K, D)
+    gram = jac @ jac.transpose(1, 2)
+    spectral = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0.0).sqrt()
+    worst = int(spectral.argmax())
+    if float(spectral[worst]) > cert.value * (1.0 + rtol):
+        raise CertificationError(
+            f"self-check failed: at a random point the logits' Jacobian has spectral norm "
+            f"{float(spectral[worst]):.6g}, above the certified global bound {cert.value:.6g}. "
+            "The bound is wrong for this model (an operation whose rule does not match what it "
+            "computes); no certificate is returned."
+        )
+    if cert.pairwise is None:
+        return
+    diffs = (jac[:, :, None, :] - jac[:, None, :, :]).norm(dim=-1)  # (N, K, K)
+    over = diffs > cert.pairwise[None] * (1.0 + rtol)
+    if bool(over.any()):
+        r, t, i = (int(v) for v in over.nonzero()[0])
+        raise CertificationError(
+            f"self-check failed: at a random point the gradient of F_{t} - F_{i} has norm "
+            f"{float(diffs[r, t, i]):.6g}, above the certified pairwise bound "
+            f"{float(cert.pairwise[t, i]):.6g}. The bound is wrong for this model; no "
+            "certificate is returned."
+        )
+
+
+def check_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    cert: CertifiedBound,
+    *,
+    points: int = 4,
+    rtol: float = GRADIENT_RTOL,
+    seed: int = 0,
+) -> None:
+    """Raise ``CertificationError`` if an input-gradient norm at one of the first ``points``
+    rows of ``x`` exceeds the certified constant it must respect.
+
+    With a pairwise bound (the constants radii use, paper Prop. 2): at each point the gradient
+    of ``F_t - F_i`` for the top class ``t`` against the runner-up (even rows) or against the
+    class with the smallest ``pairwise[t, i]`` (odd rows: the pair most likely to be violated)
+    must not exceed ``pairwise[t, i]``. Without one (Prop. 1): ``||J^T v|| <= value`` for a
+    random unit ``v``. Each row's gradient depends on that row only (evaluation mode; batch
+    independence is checked with the trace), so one backward pass covers all rows. Norms are
+    taken in float64 of the model's own-dtype gradient, with relative tolerance ``rtol``.
+    """
+    if points <= 0 or x.shape[0] == 0:
+        return
+    xs = x[:points].detach().clone().requires_grad_(True)
+    with eval_mode(model), torch.enable_grad():
+        z = model(xs)
+        if not z.requires_grad:
+            return  # constant logits: nothing to check
+        n, k = z.shape
+        if cert.pairwise is not None and k >= 2:
+            pw = cert.pairwise.to(z.device)
+            top2 = z.detach().topk(2, dim=1).indices
+            t = top2[:, 0]
+            masked = pw[t].masked_fill(torch.nn.functional.one_hot(t, k).bool(), math.inf)
+            odd = torch.arange(n, device=z.device) % 2 == 1
+            i = torch.where(odd, masked.argmin(dim=1), top2[:, 1])
+            s = (z.gather(1, t[:, None]) - z.gather(1, i[:, None])).sum()
+            allowed, kind = pw[t, i].to(torch.float64), "F_t - F_i against pairwise[t, i]"
+        else:
+            g = torch.Generator().manual_seed(seed)
+            v = torch.randn((n, k), generator=g, dtype=torch.float64)
+            v = (v / v.norm(dim=1, keepdim=True)).to(device=z.device, dtype=z.dtype)
+            s = (z * v).sum()
+            allowed = torch.full((n,), cert.value, dtype=torch.float64, device=z.device)
+            kind = "v^T F for a unit v, against the global bound"
+        (grad,) = torch.autograd.grad(s, xs)
+    norms = grad.detach().flatten(1).to(torch.float64).norm(dim=1)
+    over = norms > allowed * (1.0 + rtol)
+    if bool(over.any()):
+        r = int(over.nonzero()[0, 0])
+        raise CertificationError(
+            f"self-check failed: at example {r} the input-gradient norm of {kind} is "
+            f"{float(norms[r]):.6g}, above the certified bound {float(allowed[r]):.6g}. The bound "
+            "is wrong for this model (an operation whose rule does not match what it computes); "
+            "no radii are returned."
+        )
