@@ -365,8 +365,11 @@ class LipschitzBound(nn.Module):
             # Defence in depth (docs/SOUNDNESS.md): refuse at once a model whose trace does not
             # compute what it computes; certified() checks again for the model as it is then.
             checks.check_trace(
-                model, self._graph_module, self.input_shape,
-                dtype=_dtype_of(model), device=self._device(),
+                model,
+                self._graph_module,
+                self.input_shape,
+                dtype=_dtype_of(model),
+                device=self._device(),
             )
 
     # -- set-up ------------------------------------------------------------------------
@@ -395,9 +398,7 @@ class LipschitzBound(nn.Module):
             for name, m in self.model.named_modules()
         )
         attrs = tuple(
-            id(_getattr_path(self.model, str(n.target)))
-            for n in graph.nodes
-            if n.op == "get_attr"
+            id(_getattr_path(self.model, str(n.target))) for n in graph.nodes if n.op == "get_attr"
         )
         return gm, (gm.code, modules, attrs)
 

@@ -72,7 +72,7 @@ def find_module_rule(module: object) -> Rule | None:
     kind = type(module)
     for cls in kind.__mro__:
         if cls in MODULE_RULES:
-            if cls is not kind and getattr(kind, "forward", None) is not getattr(cls, "forward"):
+            if cls is not kind and getattr(kind, "forward", None) is not cls.forward:
                 return None
             return MODULE_RULES[cls]
     return None
