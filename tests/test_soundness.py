@@ -467,3 +467,14 @@ def test_trace_check_runs_again_at_certified() -> None:
     model[1].register_forward_hook(lambda m, i, o: o * 10)  # a new hook invalidates the cache
     with pytest.raises(CertificationError, match="does not compute"):
         bound.certified()
+
+
+def test_pooling_attribute_changed_after_certification_is_seen() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(2 * 3 * 3, 2)
+    ).double()
+    bound = LipschitzBound(model, (1, 6, 6))
+    bound.certified()
+    model[1].stride = 1  # overlapping windows now: a larger constant, and a new output shape
+    model[3] = nn.Linear(2 * 5 * 5, 2).double()
+    assert bound.certified().value >= jacobian_norm(model, (1, 6, 6))

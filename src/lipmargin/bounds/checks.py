@@ -47,13 +47,16 @@ GRADIENT_RTOL = 1e-4
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Every submodule in evaluation mode for the duration, then each restored as it was."""
-    modes = {m: m.training for m in model.modules()}
+    training = [m for m in model.modules() if m.training]
+    if not training:
+        yield
+        return
     model.eval()
     try:
         yield
     finally:
-        for m, t in modes.items():
-            m.train(t)
+        for m in training:  # not m.train(): that would recurse into the children again
+            m.training = True
 
 
 def _clone(v: Any) -> Any:

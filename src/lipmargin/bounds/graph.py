@@ -378,7 +378,7 @@ class LipschitzBound(nn.Module):
             return t.device
         return torch.device("cpu")
 
-    def _trace(self) -> tuple[torch.fx.GraphModule, tuple[Any, ...]]:
+    def _trace(self) -> tuple[torch.fx.Graph, tuple[Any, ...]]:
         """A fresh trace of the model in evaluation mode (the function certificates cover) and
         its structural signature: the generated code (Python constants read in ``forward`` are
         literals there), the identity of every submodule, of its hooks and of every tensor the
@@ -391,7 +391,6 @@ class LipschitzBound(nn.Module):
                     f"could not trace the model with torch.fx: {exc}. The bound needs a model "
                     "without data-dependent Python control flow."
                 ) from exc
-        gm = torch.fx.GraphModule(self.model, graph)
         modules = tuple(
             (name, id(m), type(m), tuple(map(id, m._forward_hooks.values())))
             + tuple(map(id, m._forward_pre_hooks.values()))
@@ -400,12 +399,13 @@ class LipschitzBound(nn.Module):
         attrs = tuple(
             id(_getattr_path(self.model, str(n.target))) for n in graph.nodes if n.op == "get_attr"
         )
-        return gm, (gm.code, modules, attrs)
+        return graph, (graph.python_code("self").src, modules, attrs)
 
-    def _build(self, gm: torch.fx.GraphModule, structure: tuple[Any, ...]) -> None:
+    def _build(self, graph: torch.fx.Graph, structure: tuple[Any, ...]) -> None:
         """(Re)build everything derived from the trace; power-iteration vectors of unchanged
         linear maps are kept."""
         # Not a registered submodule: the model's weights stay out of our state_dict.
+        gm = torch.fx.GraphModule(self.model, graph)
         object.__setattr__(self, "_graph_module", gm)
         self._structure = structure
         self._cache = None
@@ -424,9 +424,9 @@ class LipschitzBound(nn.Module):
     def _sync(self) -> None:
         """Re-trace; rebuild when the model's structure changed since the last trace (a submodule
         replaced, a Python attribute read in ``forward`` changed, ...)."""
-        gm, structure = self._trace()
+        graph, structure = self._trace()
         if structure != self._structure:
-            self._build(gm, structure)
+            self._build(graph, structure)
 
     def module_of(self, node_name: str) -> nn.Module:
         node = self._nodes[node_name]
@@ -679,10 +679,11 @@ class LipschitzBound(nn.Module):
         dropout as identity). Every operator norm is a guaranteed bound inflated by
         ``FLOAT64_SLACK`` for float64 rounding, except with ``conv_method="power"``.
         """
-        _check_tensors(self.model, certify=True)
+        _check_tensors(self.model, certify=False)
         self._sync()
         if self._cache is not None and self._cache[0] == (self.conv_method, self._digest()):
-            return self._cache[1]
+            return self._cache[1]  # computed (and checked) for exactly these tensors
+        _check_tensors(self.model, certify=True)
         dtype, device = _dtype_of(self.model), self._device()
         checks.check_trace(
             self.model, self._graph_module, self.input_shape, dtype=dtype, device=device
@@ -690,6 +691,7 @@ class LipschitzBound(nn.Module):
         # after the eager forward above: forward pre-hooks (legacy weight_norm) have refreshed
         # the weights the walk reads
         key = (self.conv_method, self._digest())
+        self.__dict__.pop("_factor_cache", None)  # pooling factors of the attributes as they are
         with torch.no_grad():
             ctx, (pair, value) = self._walk("certify", pairwise=True)
         if self._head is None:
