@@ -116,11 +116,11 @@ def _shape_of(value: Any) -> Any:
 
 
 def _reads_shape(node: torch.fx.Node) -> bool:
-    """True for operations that read only the shape of a tensor."""
+    """True for operations that read only metadata of a tensor (shape, device, dtype)."""
     if node.op == "call_method":
         return node.target in ("size", "dim", "numel")
     if node.op == "call_function" and node.target is getattr:
-        return node.args[1] in ("shape", "ndim")
+        return node.args[1] in ("shape", "ndim", "device", "dtype", "is_cuda")
     return False
 
 
