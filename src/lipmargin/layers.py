@@ -23,7 +23,13 @@ from lipmargin.errors import ConfigError, InputError
 __all__ = [
     "ACTIVATIONS",
     "LEAF_MODULES",
+    "AOLConv2d",
+    "AOLLinear",
     "GroupSort",
+    "LinearResidualConv",
+    "NormalizedLinear",
+    "SLLConv2d",
+    "SLLLinear",
     "LipmarginTracer",
     "MaxMin",
     "activation",
@@ -117,6 +123,7 @@ class GroupSort(nn.Module):
 
 #: Module classes outside ``torch.nn`` that tracing must keep as single ``call_module`` nodes.
 LEAF_MODULES: tuple[type[nn.Module], ...] = (MaxMin, GroupSort)
+# AOL and SLL layers become leaves through their registered rules (bounds/rules/lipschitz.py).
 
 
 class LipmarginTracer(torch.fx.Tracer):
@@ -175,3 +182,165 @@ def activation(name: str) -> nn.Module:
             raise ConfigError(f"activation {name!r}: the group size must be at least 1")
         return GroupSort(size)
     raise ConfigError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
+
+
+# -- 1-Lipschitz layers by construction (LMT's successors) ------------------------------------
+_AOL_EPS = 1e-12
+
+
+class AOLLinear(nn.Module):
+    """Almost-orthogonal Lipschitz dense layer (Prach & Lampert, ECCV 2022, Thm. 1).
+
+    ``W = P diag(d)`` with ``d_j = (sum_i |P^T P|_ij)^(-1/2)``; then ``W^T W <= I``, so the layer
+    is 1-Lipschitz for every parameter ``P``. The bias does not change the constant.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.orthogonal_(self.weight)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def rescaling(self) -> Tensor:
+        """``d`` (one entry per input feature)."""
+        gram = (self.weight.transpose(0, 1) @ self.weight).abs().sum(dim=0)
+        return gram.clamp_min(_AOL_EPS).rsqrt()
+
+    def effective_weight(self) -> Tensor:
+        """The matrix the layer applies, ``P diag(d)``."""
+        return self.weight * self.rescaling()[None, :]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x, self.effective_weight(), self.bias)
+
+
+def _kernel_gram(weight: Tensor) -> Tensor:
+    """``|K^T K|`` summed over shifts for a conv kernel ``(c_out, c_in, k...)``: entry ``(a, b)``
+    is ``sum_shift |sum_c corr(K[c, a], K[c, b])(shift)|``, the absolute row sums of the blocks of
+    ``C^T C`` for the (infinite) convolution ``C``."""
+    kt = weight.transpose(0, 1)  # (c_in, c_out, k...) used as a batch of c_in images
+    pad = tuple(k - 1 for k in weight.shape[2:])
+    conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d}[weight.dim() - 2]
+    corr = conv(kt, kt, padding=pad)  # (c_in, c_in, 2k-1...)
+    return corr.abs().flatten(2).sum(dim=2)
+
+
+class AOLConv2d(nn.Module):
+    """Almost-orthogonal Lipschitz convolution (Prach & Lampert, ECCV 2022, Thm. 2): stride 1,
+    zero padding ``k // 2`` (odd ``k``), kernel rescaled per input channel by
+    ``d_j = (sum_i sum_shift |K^T * K|_ij)^(-1/2)``. The rescaled infinite convolution has
+    ``C^T C <= I``; the zero-padded one is its restriction: 1-Lipschitz."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True
+    ) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ConfigError(f"AOLConv2d needs an odd kernel_size, got {kernel_size}")
+        self.padding = kernel_size // 2
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        nn.init.kaiming_normal_(self.weight)
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    def rescaling(self) -> Tensor:
+        return _kernel_gram(self.weight).sum(dim=1).clamp_min(_AOL_EPS).rsqrt()
+
+    def effective_weight(self) -> Tensor:
+        return self.weight * self.rescaling()[None, :, None, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.conv2d(
+            x, self.effective_weight(), self.bias, padding=self.padding
+        )
+
+
+def _sll_t(gram: Tensor, q: Tensor) -> Tensor:
+    """``t_i = sum_j |G_ij| q_j / q_i`` with ``q = exp(q_param)`` (SLL Thm. 3): then
+    ``diag(t) >= G`` for any symmetric ``G``, by the rescaled Gershgorin argument."""
+    qe = torch.exp(q)
+    return (gram.abs() * qe[None, :] / qe[:, None]).sum(dim=1)
+
+
+class SLLLinear(nn.Module):
+    """SDP-based Lipschitz dense residual block (Araujo et al., ICLR 2023, Thm. 3):
+    ``z = x - 2 W diag(t)^-1 relu(W^T x + b)`` with ``t`` from :func:`_sll_t` on ``G = W^T W``.
+    Its Jacobian ``I - 2 W T^-1 D W^T`` (``D`` diagonal in [0, 1]) has eigenvalues in [-1, 1]
+    when ``T >= W^T W``: 1-Lipschitz. ``weight`` stores ``W^T`` (hidden x features)."""
+
+    def __init__(self, features: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or features
+        self.weight = nn.Parameter(torch.empty(hidden, features))
+        nn.init.xavier_normal_(self.weight)
+        self.bias = nn.Parameter(torch.zeros(hidden))
+        self.q = nn.Parameter(torch.zeros(hidden))
+
+    def t(self) -> Tensor:
+        return _sll_t(self.weight @ self.weight.transpose(0, 1), self.q)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(torch.nn.functional.linear(x, self.weight, self.bias)) / self.t()
+        return x - 2.0 * h @ self.weight
+
+
+class SLLConv2d(nn.Module):
+    """SDP-based Lipschitz convolutional residual block (Araujo et al., ICLR 2023, Thm. 3):
+    ``z = x - 2 C^T diag(t)^-1 relu(C x + b)`` with ``C`` a stride-1 convolution (zero padding
+    ``k // 2``) and ``C^T`` its exact adjoint (the transposed convolution with the same padding);
+    ``t`` from :func:`_sll_t` on the absolute shift sums of ``C C^T``. 1-Lipschitz."""
+
+    def __init__(self, channels: int, hidden: int | None = None, kernel_size: int = 3) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ConfigError(f"SLLConv2d needs an odd kernel_size, got {kernel_size}")
+        hidden = hidden or channels
+        self.padding = kernel_size // 2
+        self.weight = nn.Parameter(torch.empty(hidden, channels, kernel_size, kernel_size))
+        nn.init.xavier_normal_(self.weight)
+        self.bias = nn.Parameter(torch.zeros(hidden))
+        self.q = nn.Parameter(torch.zeros(hidden))
+
+    def t(self) -> Tensor:
+        # C C^T on the hidden channels: the kernel gram of the transposed kernel
+        return _sll_t(_kernel_gram(self.weight.transpose(0, 1)), self.q)
+
+    def forward(self, x: Tensor) -> Tensor:
+        f = torch.nn.functional
+        h = f.conv2d(x, self.weight, self.bias, padding=self.padding)
+        h = torch.relu(h) / self.t()[None, :, None, None]
+        return x - 2.0 * f.conv_transpose2d(h, self.weight, padding=self.padding)
+
+
+class LinearResidualConv(nn.Module):
+    """LiResNet block (Hu et al., NeurIPS 2023): ``x + conv(x)``, a stride-1 'same' convolution
+    with a residual, LINEAR as a whole. The bound engine fuses it into one operator ``I + C``
+    whose norm it computes exactly per frequency (not ``1 + ||C||``). Follow it by MaxMin."""
+
+    def __init__(self, channels: int, kernel_size: int = 3, bias: bool = True) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ConfigError(f"LinearResidualConv needs an odd kernel_size, got {kernel_size}")
+        self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        nn.init.normal_(self.conv.weight, std=0.1 / (channels * kernel_size**2) ** 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(x)
+
+
+class NormalizedLinear(nn.Module):
+    """Last layer with unit-norm rows (LiResNet's LLN, Hu et al. 2023):
+    ``z_i = <w_i / ||w_i||, x> + b_i``, so the pairwise constants ``||w_t - w_i||`` of paper
+    Prop. 2 are at most 2 and training cannot inflate them. The bound engine reads it as the
+    ``F.linear`` head with the normalised weight."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.xavier_normal_(self.weight)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def normalized_weight(self) -> Tensor:
+        return self.weight / self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x, self.normalized_weight(), self.bias)

@@ -104,8 +104,8 @@ class _MutationRun(torch.fx.Interpreter):
 def _same(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
     if a.shape != b.shape:
         return False
-    both_nan = torch.isnan(a) & torch.isnan(b)
-    diff = (a - b).abs().masked_fill(both_nan, 0.0)
+    equal = (a == b) | (torch.isnan(a) & torch.isnan(b))  # equal infinities, both NaN
+    diff = (a - b).abs().masked_fill(equal, 0.0)
     return bool((diff <= tol).all())
 
 

@@ -724,11 +724,14 @@ class LipschitzBound(nn.Module):
 
 
 def _safe_norm(diff: torch.Tensor) -> torch.Tensor:
-    """Row-pair distances ``||w_t - w_i||`` with a zero (not NaN) gradient where rows coincide."""
+    """Row-pair distances ``||w_t - w_i||`` with a zero (not NaN) gradient where rows coincide;
+    scaled by the largest entry so that tiny weights do not underflow to 0 when squared."""
+    scale = diff.detach().abs().max().clamp_min(torch.finfo(diff.dtype).tiny)
+    diff = diff / scale  # scale is held constant: value and gradient unchanged
     sq = (diff * diff).sum(-1)
     zero = torch.eye(sq.shape[0], dtype=torch.bool, device=sq.device) | (sq <= 0)
     safe = torch.where(zero, torch.ones_like(sq), sq)
-    return torch.where(zero, torch.zeros_like(sq), torch.sqrt(safe))
+    return torch.where(zero, torch.zeros_like(sq), torch.sqrt(safe)) * scale
 
 
 def _is_simple(v: Any) -> bool:

@@ -35,10 +35,15 @@ def top_singular_value(m: torch.Tensor) -> torch.Tensor:
     about ``n * eps * sigma^2``, i.e. ~1e-13 relative for n in the thousands, far inside
     ``FLOAT64_SLACK``.
     """
+    # Scale by the largest entry first: squaring a tiny (< 1e-154) matrix would underflow to a
+    # certified 0, squaring a huge one overflow.
+    scale = m.abs().amax(dim=(-2, -1), keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    m = m / scale
     mh = m.mH if m.is_complex() else m.transpose(-2, -1)
     gram = m @ mh if m.shape[-2] <= m.shape[-1] else mh @ m
     top = torch.linalg.eigvalsh(gram)[..., -1]
-    return torch.sqrt(top.clamp_min(0.0))
+    return torch.sqrt(top.clamp_min(0.0)) * scale[..., 0, 0]
 
 
 def spectral_norm_exact(weight: torch.Tensor) -> torch.Tensor:

@@ -104,7 +104,12 @@ def cat(ctx: WalkContext, node: Node) -> torch.Tensor:
         bound = ctx.L(tensors)
         return bound * math.sqrt(len(ctx.shape(tensors)))
     bounds = ctx.L_all(tensors)
-    return torch.sqrt(sum(b * b for b in bounds))
+    # scaled by the largest, so that tiny bounds do not underflow to 0 when squared
+    top = bounds[0]
+    for b in bounds[1:]:
+        top = torch.maximum(top, b)
+    safe = torch.where(top > 0, top, torch.ones_like(top))
+    return top * torch.sqrt(sum((b / safe) ** 2 for b in bounds))
 
 
 def _reduced_count(ctx: WalkContext, node: Node) -> int:
