@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import operator
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,11 +26,12 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, UnsupportedOperationError
 from ..layers import LipmarginTracer
-from . import checks, norms
+from . import checks, norms, operators
 from .registry import FUNCTION_RULES, METHOD_RULES, find_module_rule
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -122,6 +124,22 @@ def _reads_shape(node: torch.fx.Node) -> bool:
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in ("shape", "ndim", "device", "dtype", "is_cuda")
     return False
+
+
+def _call_arg(node: torch.fx.Node, index: int, name: str) -> Any:
+    """Argument ``index`` of a call node, positional or by keyword ``name``."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name)
+
+
+_ADD_TARGETS = {operator.add, operator.sub, torch.add, torch.sub}
+
+
+def _is_add_or_sub(node: torch.fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ADD_TARGETS
+    return node.op == "call_method" and node.target in ("add", "sub")
 
 
 def _node_args(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -418,6 +436,7 @@ class LipschitzBound(nn.Module):
         self.__dict__.pop("_factor_cache", None)
         self._find_head()
         self._find_fusions()
+        self._find_segments()
         _watch(self, {bn.name: self.module_of(bn.name) for bn in self._fused.values()})
         self._walk("init")
 
@@ -487,13 +506,34 @@ class LipschitzBound(nn.Module):
         out = next(n for n in self._graph_module.graph.nodes if n.op == "output")
         arg = out.args[0]
         self._head: torch.fx.Node | None = None
+        if not isinstance(arg, torch.fx.Node) or len(arg.users) != 1:
+            return
         if (
-            isinstance(arg, torch.fx.Node)
-            and arg.op == "call_module"
+            arg.op == "call_module"
             and type(self._graph_module.get_submodule(str(arg.target))) is nn.Linear
-            and len(arg.users) == 1
         ):
             self._head = arg
+        elif arg.op == "call_function" and arg.target is F.linear:
+            # F.linear with a weight that does not depend on the input (e.g. the row-normalised
+            # weight of lipmargin.layers.NormalizedLinear): Prop. 2 applies to it too
+            weight = _call_arg(arg, 1, "weight")
+            inp = _call_arg(arg, 0, "input")
+            if (
+                isinstance(weight, torch.fx.Node)
+                and not self._depends[weight.name]
+                and isinstance(inp, torch.fx.Node)
+                and self._depends[inp.name]
+            ):
+                self._head = arg
+
+    def _head_parts(self, ctx: WalkContext) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(bound of the head's input, head weight as the mode needs it)."""
+        head = self._head
+        if head.op == "call_module":
+            lin = self._graph_module.get_submodule(str(head.target))
+            return ctx.L(head.args[0]), ctx.tensor(lin.weight)
+        weight = ctx.value(_call_arg(head, 1, "weight"))
+        return ctx.L(_call_arg(head, 0, "input")), ctx.tensor(weight)
 
     def _find_fusions(self) -> None:
         self._fused: dict[str, torch.fx.Node] = {}
@@ -511,6 +551,106 @@ class LipschitzBound(nn.Module):
                 and len(src.users) == 1
             ):
                 self._fused[src.name] = n
+
+    def _find_segments(self) -> None:
+        """Residual sums of linear maps of one input, bounded as ONE operator (LiResNet):
+        ``x + conv(x)``, ``x + BN(conv(x))``, ``x + W x``, ``conv_a(x) + conv_b(x)``, with
+        subtraction and ``alpha``. The summands' own nodes are absorbed (not walked)."""
+        self._segments: dict[str, tuple[torch.fx.Node, list[tuple[float, Any]]]] = {}
+        self._absorbed: set[str] = set()
+        for n in self._graph_module.graph.nodes:
+            found = self._segment_of(n)
+            if found is not None:
+                source, terms = found
+                self._segments[n.name] = (source, terms)
+                for _, t in terms:
+                    self._absorbed.update(x.name for x in t[1:] if x is not None)
+
+    def _segment_of(self, n: torch.fx.Node) -> tuple[torch.fx.Node, list] | None:
+        if not _is_add_or_sub(n) or not self._depends.get(n.name, False):
+            return None
+        a, b = _call_arg(n, 0, "input"), _call_arg(n, 1, "other")
+        if not isinstance(a, torch.fx.Node) or not isinstance(b, torch.fx.Node):
+            return None
+        alpha = n.kwargs.get("alpha", 1)
+        if isinstance(alpha, torch.fx.Node) or not isinstance(alpha, (int, float)):
+            return None
+        sign = -1.0 if getattr(n.target, "__name__", str(n.target)) in ("sub", "sub_") else 1.0
+        shape = self._shapes.get(n.name)
+        if shape is None or self._shapes.get(a.name) != shape or self._shapes.get(b.name) != shape:
+            return None  # broadcasting: not a plain sum
+        for ta in self._linear_terms(a):
+            for tb in self._linear_terms(b):
+                if ta[0] is tb[0] and not (ta[1] is None and tb[1] is None):
+                    source = ta[0]
+                    if self._shapes.get(source.name) is None:
+                        continue
+                    if (ta[1] is None or tb[1] is None) and self._shapes[source.name] != shape:
+                        continue  # an identity summand needs output shape == input shape
+                    kinds = {self._term_kind(t) for t in (ta, tb) if t[1] is not None}
+                    if len(kinds) != 1:
+                        continue
+                    return source, [(1.0, ta), (sign * float(alpha), tb)]
+        return None
+
+    def _term_kind(self, term: tuple) -> str:
+        m = self._graph_module.get_submodule(str(term[1].target))
+        return "linear" if type(m) is nn.Linear else "conv"
+
+    def _linear_terms(self, node: torch.fx.Node) -> list[tuple]:
+        """Ways to read ``node`` as a linear map of another node: (source, map node, BN node)
+        for a single-use stride-1 zero-padded convolution (optionally with its folded
+        BatchNorm) or dense layer, and (node, None, None) for the identity."""
+        terms: list[tuple] = []
+        get = self._graph_module.get_submodule
+        bn = None
+        lin = node
+        if node.op == "call_module" and type(get(str(node.target))) in _BN_TYPES:
+            src = node.args[0]
+            if isinstance(src, torch.fx.Node) and self._fused.get(src.name) is node:
+                bn, lin = node, src
+        if lin.op == "call_module" and len(node.users) == 1 and (bn is None or len(lin.users) == 1):
+            m = get(str(lin.target))
+            ok_conv = (
+                type(m) in _CONV_TYPES
+                and getattr(m, "padding_mode", "zeros") == "zeros"
+                and all(s == 1 for s in m.stride)
+                and (bn is not None or lin.name not in self._fused)
+            )
+            if (ok_conv or type(m) is nn.Linear and bn is None) and isinstance(
+                lin.args[0], torch.fx.Node
+            ):
+                if lin is not self._head:
+                    terms.append((lin.args[0], lin, bn))
+        terms.append((node, None, None))
+        return terms
+
+    def _segment_bound(self, ctx: WalkContext, node: torch.fx.Node) -> torch.Tensor:
+        """``L(source) * ||sum_j coef_j A_j||`` with the fused operator (see ``operators``)."""
+        source, raw = self._segments[node.name]
+        terms: list[operators.Term] = []
+        for coef, (_, lin, bn) in raw:
+            if lin is None:
+                terms.append(operators.Term("identity", coef))
+                continue
+            m = self._graph_module.get_submodule(str(lin.target))
+            w = ctx.tensor(m.weight)
+            if type(m) is nn.Linear:
+                terms.append(operators.Term("linear", coef, w))
+                continue
+            if bn is not None:
+                w = w * ctx.bn_scale(bn).reshape(-1, *([1] * (w.dim() - 1)))
+            terms.append(operators.Term("conv", coef, w, m.padding, m.dilation, m.groups))
+        shape = self._shapes[source.name]
+        nsp = len(shape) - 1
+        norm = ctx.linear(
+            node,
+            "residual",
+            operators.apply_sum(terms, nsp),
+            shape,
+            operators.guaranteed_norm(terms, shape),
+        )
+        return ctx.L(source) * norm
 
     # -- the walk ----------------------------------------------------------------------
     def _walk(self, mode: str, pairwise: bool = True) -> tuple[WalkContext, Any]:
@@ -531,6 +671,11 @@ class LipschitzBound(nn.Module):
                 continue
             if node is self._head and pairwise and mode == "train":
                 ctx.bounds[node.name] = None  # handled per class pair at the output
+                continue
+            if node.name in self._absorbed:
+                continue  # a summand of a linear segment, bounded at the sum
+            if node.name in self._segments:
+                ctx.bounds[node.name] = self._segment_bound(ctx, node)
                 continue
             rule = self._rules.get(node.name)
             if rule is None:
@@ -599,11 +744,9 @@ class LipschitzBound(nn.Module):
         arg = node.args[0]
         head = self._head
         if pairwise and head is not None and arg is head:
-            lin = self._graph_module.get_submodule(str(head.target))
-            l_in = ctx.L(head.args[0])
+            l_in, w = self._head_parts(ctx)
             if l_in is None:
                 raise UnsupportedOperationError("the logits do not depend on the input")
-            w = ctx.tensor(lin.weight)
             diff = w[:, None, :] - w[None, :, :]
             dist = _safe_norm(diff)
             if ctx.mode == "certify":
