@@ -6,5 +6,5 @@ Linear maps (dense, convolution, convolution + BatchNorm) go through ``ctx.linea
 runs power iteration while training and returns a guaranteed bound when certifying.
 """
 
-from . import activations, arithmetic, linear, pooling, refusals, shape  # noqa: F401
+from . import activations, arithmetic, linear, pooling, refusals, resampling, shape  # noqa: F401
 from .linear import _conv_adjoint  # noqa: F401  (used by tests)
