@@ -184,6 +184,21 @@ def _where(ctx: WalkContext, node: Node, a: dict) -> torch.Tensor:
     return _max_like(ctx, node, [a["input"], a["other"]])
 
 
+_COMPARISONS = (operator.gt, operator.ge, operator.lt, operator.le, operator.eq, operator.ne)
+
+
+@register_function(*_COMPARISONS, torch.gt, torch.ge, torch.lt, torch.le, torch.eq, torch.ne)
+@register_method("gt", "ge", "lt", "le", "eq", "ne")
+def comparison(ctx: WalkContext, node: Node) -> torch.Tensor:
+    """A comparison of input-dependent values is a step function: refused with an explanation
+    (e.g. ``torch.where(x > 0, a, b)`` switches branches where ``x`` crosses 0)."""
+    raise UnsupportedOperationError(
+        f"graph node {node.name!r} compares input-dependent values: a step function, not "
+        "Lipschitz (as a torch.where condition it switches branches with a jump). Use relu / "
+        "clamp / abs instead."
+    )
+
+
 @register_function(torch.where)
 def where_function(ctx: WalkContext, node: Node) -> torch.Tensor:
     if len(node.args) + len(node.kwargs) < 3:
