@@ -381,6 +381,13 @@ ACTIVATIONS = [
     ("rrelu_steep", nn.RReLU(2.0, 4.0), 3.0),
     ("F.rrelu", Fn(lambda x: F.rrelu(x, 1.5, 2.5)), 2.0),
     ("hardshrink0", nn.Hardshrink(0.0), 1.0),
+    ("celu", nn.CELU(alpha=0.3), 1.0),
+    ("F.celu", Fn(lambda x: F.celu(x, 2.0)), 1.0),
+    ("torch.celu", Fn(torch.celu), 1.0),
+    ("x.relu_()", Fn(lambda x: (2 * x).relu_()), 2.0),
+    ("x.sigmoid_()", Fn(lambda x: (x + 1).sigmoid_()), 0.25),
+    ("x.clamp_()", Fn(lambda x: (x - 1).clamp_(min=0.0)), 1.0),
+    ("x.abs_()", Fn(lambda x: (x * 1).abs_()), 1.0),
 ]
 
 
@@ -413,6 +420,8 @@ JUMPS = [
     ("softplus_low_threshold", nn.Softplus(threshold=1.0), "threshold"),
     ("F.softplus_low_threshold", Fn(lambda x: F.softplus(x, 2.0, 5.0)), "threshold"),
     ("F.rrelu_training", Fn(lambda x: F.rrelu(x, training=True)), "random"),
+    ("celu_negative_alpha", nn.CELU(alpha=-1.0), "unbounded"),
+    ("F.celu_negative_alpha", Fn(lambda x: F.celu(x, -0.5)), "unbounded"),
 ]
 
 

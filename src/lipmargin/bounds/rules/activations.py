@@ -246,3 +246,37 @@ def rrelu_function(ctx: WalkContext, node: Node) -> torch.Tensor:
         {"lower": 1.0 / 8, "upper": 1.0 / 3, "training": False},
     )
     return _first(ctx, node) * _rrelu(node, a["lower"], a["upper"], a["training"])
+
+
+def _celu(node: Node, alpha: float) -> float:
+    """(Replaces the plain 1-Lipschitz registration above, which ignored ``alpha``.)
+    CELU ``max(0, x) + min(0, alpha (e^{x/alpha} - 1))``: slope 1 for x > 0 and ``e^{x/alpha}``
+    for x < 0, at most 1 when alpha > 0. For alpha < 0 that slope grows without bound as
+    x -> -inf (e.g. alpha = -1: f(-10) = -22025), so it is refused."""
+    if float(alpha) <= 0.0:
+        raise UnsupportedOperationError(
+            f"node {node.name!r}: CELU with alpha={alpha} <= 0 has slope e^(x/alpha), unbounded "
+            "as x -> -inf: not Lipschitz"
+        )
+    return 1.0
+
+
+@register_module(nn.CELU)
+def celu_module(ctx: WalkContext, node: Node) -> torch.Tensor:
+    return _first(ctx, node) * _celu(node, ctx.module(node).alpha)
+
+
+@register_function(F.celu, torch.celu)
+def celu_function(ctx: WalkContext, node: Node) -> torch.Tensor:
+    a = _args(ctx, node, ["input", "alpha", "inplace"], {"alpha": 1.0})
+    return _first(ctx, node) * _celu(node, a["alpha"])
+
+
+register_function(torch.prelu)(prelu_function)
+register_function(torch.rrelu)(rrelu_function)
+register_function(torch.threshold)(threshold_function)
+register_function(torch.hardshrink)(hardshrink_function)
+# In-place method forms (``x.relu_()``): the same functions; the walk refuses an in-place write
+# to a tensor that another node still reads.
+register_method("relu_", "tanh_")(_scaled(1.0, "activation"))
+register_method("sigmoid_")(_scaled(0.25, "sigmoid"))

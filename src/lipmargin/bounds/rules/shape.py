@@ -224,6 +224,8 @@ def _pad_factor(ctx: WalkContext, node: Node, pad, mode: str) -> float:
     shape = ctx.in_shape(node)
     pad = tuple(int(p) for p in pad)
     n = len(pad) // 2
+    if n > len(shape):
+        raise UnsupportedOperationError(f"node {node.name!r}: padding of the batch dimension")
     axes = list(range(len(shape) - n, len(shape)))
 
     def compute() -> float:
@@ -268,3 +270,9 @@ def pad_module(ctx: WalkContext, node: Node) -> torch.Tensor:
     m = ctx.module(node)
     mode = next(v for k, v in _PAD_MODULES.items() if isinstance(m, k))
     return _first(ctx, node) * _pad_factor(ctx, node, m.padding, mode)
+
+
+register_method("abs_", "absolute_")(identity)
+register_method("clamp_", "clip_")(clamp)
+register_method("clamp_min_")(clamp_min)
+register_method("clamp_max_")(clamp_max)
