@@ -84,12 +84,15 @@ INTERPOLATE = [
         None,
     ),
     ("F.interpolate_nearest", Fn(lambda x: F.interpolate(x, size=(5, 8))), (1, 3, 3), None),
+    ("F.upsample_bilinear", Fn(lambda x: F.upsample_bilinear(x, (5, 6))), (1, 3, 4), None),
+    ("F.interpolate_size_from_shape", Fn(lambda x: F.interpolate(x, x.shape[-1] * 2)), (2, 3), math.sqrt(2)),
 ]
 
 
 @pytest.mark.parametrize(
     ("name", "op", "shape", "expected"), INTERPOLATE, ids=[c[0] for c in INTERPOLATE]
 )
+@pytest.mark.filterwarnings("ignore:.*upsample.* is deprecated")
 def test_interpolate_bound_is_the_exact_norm(name, op, shape, expected) -> None:
     value, _ = check_exact(nn.Sequential(op), shape)
     if expected is not None:

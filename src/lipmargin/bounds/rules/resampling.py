@@ -76,17 +76,10 @@ _INTERPOLATE_ARGS = [
 ]
 
 
-@register_function(F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear)
+@register_function(F.interpolate)
 def interpolate_function(ctx: WalkContext, node: Node) -> torch.Tensor:
-    if node.target is F.interpolate or node.target is F.upsample:
-        kw = _args(ctx, node, _INTERPOLATE_ARGS, {"mode": "nearest"})
-    else:  # upsample_nearest / upsample_bilinear(input, size, scale_factor)
-        kw = _args(ctx, node, ["input", "size", "scale_factor"], {})
-        if node.target is F.upsample_bilinear:
-            kw.update(mode="bilinear", align_corners=True)
-        else:
-            kw["mode"] = "nearest"
-    return _interpolate(ctx, node, kw)
+    """(The deprecated ``F.upsample*`` call ``F.interpolate`` and trace as it.)"""
+    return _interpolate(ctx, node, _args(ctx, node, _INTERPOLATE_ARGS, {"mode": "nearest"}))
 
 
 @register_module(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
