@@ -85,7 +85,7 @@ INTERPOLATE = [
     ),
     ("F.interpolate_nearest", Fn(lambda x: F.interpolate(x, size=(5, 8))), (1, 3, 3), None),
     ("F.upsample_bilinear", Fn(lambda x: F.upsample_bilinear(x, (5, 6))), (1, 3, 4), None),
-    ("F.interpolate_size_from_shape", Fn(lambda x: F.interpolate(x, x.shape[-1] * 2)), (2, 3), math.sqrt(2)),
+    ("size_from_shape", Fn(lambda x: F.interpolate(x, x.shape[-1] * 2)), (2, 3), math.sqrt(2)),
 ]
 
 
