@@ -162,11 +162,12 @@ CONV_T = [
     (2, 2, 3, 3, 2, 1, 1, 1, 1, (3, 4)),
     (2, 4, 2, (2, 3), (2, 1), (0, 1), (1, 0), (1, 2), 2, (3, 3)),
     (2, 1, 2, 4, 2, 1, 0, 1, 1, (4, 4)),
+    (3, 2, 2, 2, 2, 0, 1, 1, 2, (2, 3, 2)),
 ]
 
 
 def _conv_t_module(dim, c_in, c_out, k, s, p, op, d, g, seed=0):
-    cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d}[dim]
+    cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dim]
     torch.manual_seed(seed)
     return cls(c_in, c_out, k, stride=s, padding=p, output_padding=op, dilation=d, groups=g)
 
@@ -183,7 +184,7 @@ def test_conv_transpose_module_bound_above_exact(case) -> None:
 class FunctionalConvT(nn.Module):
     def __init__(self, dim, weight, **kw) -> None:
         super().__init__()
-        self.fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d}[dim]
+        self.fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[dim]
         self.weight = nn.Parameter(weight)
         self.kw = kw
 
@@ -191,7 +192,7 @@ class FunctionalConvT(nn.Module):
         return self.fn(x, self.weight, None, **self.kw)
 
 
-@pytest.mark.parametrize("case", CONV_T[:3] + CONV_T[4:6])
+@pytest.mark.parametrize("case", CONV_T[:3] + CONV_T[4:6] + CONV_T[7:])
 def test_conv_transpose_function_bound_above_exact(case) -> None:
     dim, c_in, c_out, k, s, p, op, d, g, size = case
     w = _conv_t_module(*case[:-1]).weight.detach()
