@@ -645,9 +645,9 @@ class ItemScale(nn.Module):
         return x * x.sum().item()
 
 
-class ReflectPad(nn.Module):
+class Bicubic(nn.Module):  # reflect padding, refused before issue 14, has a rule now
     def forward(self, x):
-        return torch.flatten(F.pad(x, (1, 1), mode="reflect"), 1)
+        return torch.flatten(F.interpolate(x, scale_factor=2, mode="bicubic"), 1)
 
 
 class DataDependent(nn.Module):
@@ -668,7 +668,7 @@ REFUSED = [
     ("nn.Softmax", nn.Sequential(nn.Softmax(dim=1)), (4,), {"_0"}),
     ("index tensor", IndexTensor(), (4,), {"getitem"}),
     ("index list", IndexList(), (4,), {"getitem"}),
-    ("reflect pad", ReflectPad(), (2, 5), {"pad"}),
+    ("bicubic", Bicubic(), (1, 3, 3), {"interpolate"}),
     ("item", ItemScale(), (4,), {"sum_1", "item", "mul", "sum"}),
 ]
 

@@ -6,5 +6,14 @@ Linear maps (dense, convolution, convolution + BatchNorm) go through ``ctx.linea
 runs power iteration while training and returns a guaranteed bound when certifying.
 """
 
-from . import activations, arithmetic, linear, lipschitz, pooling, refusals, shape  # noqa: F401
+from . import (  # noqa: F401
+    activations,
+    arithmetic,
+    linear,
+    lipschitz,
+    pooling,
+    refusals,
+    resampling,
+    shape,
+)
 from .linear import _conv_adjoint  # noqa: F401  (used by tests)

@@ -70,7 +70,7 @@ def mul(ctx: WalkContext, node: Node) -> torch.Tensor:
     if lx is not None and ly is not None:
         raise UnsupportedOperationError(
             f"graph node {node.name!r} multiplies two input-dependent tensors: not globally "
-            "Lipschitz, no certificate can cover it."
+            "Lipschitz, no certificate can cover it." + _product_hint(ctx, x, y)
         )
     (bound, dep), const = ((lx, x), y) if lx is not None else ((ly, y), x)
     return bound * _abs_max(ctx.value(const)) * _copies(ctx, node, dep)
@@ -141,3 +141,26 @@ def total(ctx: WalkContext, node: Node) -> torch.Tensor:
     f = math.sqrt(_reduced_count(ctx, node))
     ctx.record(node, "sum", f)
     return _first(ctx, node) * f
+
+
+# --- issue 14: a hint for x * sigmoid(x) ----------------------------------------------------
+def _is_sigmoid_of(ctx: WalkContext, node: Any, other: Any) -> bool:
+    """True when ``node`` computes ``sigmoid(other)`` (function, method or ``nn.Sigmoid``)."""
+    if not isinstance(node, Node) or not node.args or node.args[0] is not other:
+        return False
+    if node.op == "call_function":
+        return node.target in (torch.sigmoid, torch.nn.functional.sigmoid)
+    if node.op == "call_method":
+        return node.target == "sigmoid"
+    if node.op == "call_module":
+        return isinstance(ctx.module(node), torch.nn.Sigmoid)
+    return False
+
+
+def _product_hint(ctx: WalkContext, x: Any, y: Any) -> str:
+    if _is_sigmoid_of(ctx, x, y) or _is_sigmoid_of(ctx, y, x):
+        return (
+            " x * sigmoid(x) is SiLU (Swish): write nn.SiLU() or F.silu(x), which has a rule "
+            "(constant 1.1)."
+        )
+    return ""

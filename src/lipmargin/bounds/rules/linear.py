@@ -200,3 +200,95 @@ def conv_function(ctx: WalkContext, node: Node) -> torch.Tensor:
     params = {k: a[k] for k in ("stride", "padding", "dilation", "groups")}
     shape = ctx.shape(a["input"])
     return ctx.L(a["input"]) * _conv_norm(ctx, node, f"conv{w.dim() - 2}d", w, params, shape)
+
+
+# --- issue 14: transposed convolutions ----------------------------------------------------------
+def _conv_transpose(
+    ctx: WalkContext, node: Node, weight: torch.Tensor, params: dict[str, Any]
+) -> torch.Tensor:
+    """Transposed convolution (zeros padding, any stride/padding/output_padding/dilation/groups).
+
+    ``conv_transpose(x; W, s, p, op, g, d)`` on an input of spatial size ``h`` is the adjoint of
+    ``conv(y; W, s, p, d, g)`` (the same weight tensor, read as a convolution from ``C_out``
+    to ``C_in`` channels) on inputs ``y`` of the transposed convolution's OUTPUT size
+    ``h' = (h - 1) s - 2p + d (k - 1) + op + 1``: output position ``i`` of that convolution reads
+    ``i s - p + d t``, exactly where input position ``i`` of the transposed one writes. The
+    convolution on ``h'`` has ``floor(((h - 1) s + op) / s) + 1 >= h`` outputs (``h`` when
+    ``op < s``), so ``conv_transpose = A^T E`` with ``E`` the zero embedding of the ``h`` inputs
+    into those outputs, and ``||conv_transpose|| <= ||A^T|| = ||A||`` (equality when ``op < s``).
+    ``||A||`` is bounded by the convolution rule's guaranteed bounds on the size ``h'``: the
+    minimum of ``conv_fft_bound`` and the Cor. 1 closed form. While training, power iteration runs
+    on the transposed convolution itself (autograd gives its adjoint)."""
+    nsp = weight.dim() - 2
+    conv_t = _CONV_T_FN[nsp]
+    in_shape = ctx.in_shape(node)
+    out_shape = ctx.shape(node)
+    stride, padding, dilation, groups = (
+        params["stride"],
+        params["padding"],
+        params["dilation"],
+        params["groups"],
+    )
+    output_padding = params["output_padding"]
+
+    def apply(u: torch.Tensor) -> torch.Tensor:
+        return conv_t(u, weight, None, stride, padding, output_padding, groups, dilation)
+
+    def guaranteed() -> torch.Tensor:
+        closed = norms.conv_closed_form_bound(weight, stride, dilation, groups)
+        if ctx.owner.conv_method == "closed_form":
+            return closed
+        fft = norms.conv_fft_bound(weight, out_shape[1:], stride, padding, dilation, groups)
+        return torch.minimum(fft, closed)
+
+    return ctx.linear(node, f"conv_transpose{nsp}d", apply, in_shape, guaranteed)
+
+
+@register_module(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def conv_transpose(ctx: WalkContext, node: Node) -> torch.Tensor:
+    m = ctx.module(node)
+    if getattr(m, "padding_mode", "zeros") != "zeros":  # pragma: no cover - torch refuses it
+        raise UnsupportedOperationError(
+            f"node {node.name!r}: padding_mode={m.padding_mode!r} has no rule (only 'zeros')"
+        )
+    # output_size= in forward() only changes output_padding; apply() must match the node, so
+    # read it back from the actual output shape.
+    nsp = m.weight.dim() - 2
+    size_in, size_out = ctx.in_shape(node)[1:], ctx.shape(node)[1:]
+    output_padding = tuple(
+        o - ((h - 1) * s - 2 * p + d * (k - 1) + 1)
+        for o, h, s, p, d, k in zip(
+            size_out,
+            size_in,
+            norms._as_tuple(m.stride, nsp),
+            norms._as_tuple(m.padding, nsp),
+            norms._as_tuple(m.dilation, nsp),
+            m.kernel_size,
+            strict=True,
+        )
+    )
+    params = {
+        "stride": m.stride,
+        "padding": m.padding,
+        "output_padding": output_padding,
+        "dilation": m.dilation,
+        "groups": m.groups,
+    }
+    return _first(ctx, node) * _conv_transpose(ctx, node, ctx.tensor(m.weight), params)
+
+
+@register_function(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+def conv_transpose_function(ctx: WalkContext, node: Node) -> torch.Tensor:
+    names = ["input", "weight", "bias", "stride", "padding", "output_padding", "groups"]
+    names += ["dilation"]
+    a = _args(
+        ctx,
+        node,
+        names,
+        {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1},
+    )
+    if ctx.L(a["weight"]) is not None:
+        raise UnsupportedOperationError(f"node {node.name!r}: weight depends on the input")
+    w = ctx.tensor(ctx.value(a["weight"]))
+    params = {k: a[k] for k in ("stride", "padding", "output_padding", "dilation", "groups")}
+    return ctx.L(a["input"]) * _conv_transpose(ctx, node, w, params)

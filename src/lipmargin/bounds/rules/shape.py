@@ -12,8 +12,10 @@ from torch import nn
 from torch.fx import Node
 
 from ...errors import UnsupportedOperationError
+from .. import norms
 from ..registry import register_function, register_method, register_module
-from ._common import _args, _first, identity
+from ._common import _args, _cached, _first, identity
+from .arithmetic import _copies
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..graph import WalkContext
@@ -125,3 +127,152 @@ def getitem(ctx: WalkContext, node: Node) -> torch.Tensor:
             f"node {node.name!r}: indexing with {index!r} has no rule (only ints and slices)"
         )
     return ctx.L(src)
+
+
+# --- issue 14: clamp, abs, where, padding modes and padding modules ---------------------------
+def _max_like(ctx: WalkContext, node: Node, args) -> torch.Tensor:
+    """Entrywise, ``min``/``max``/selection of several maps ``g_i`` of the input is 1-Lipschitz
+    in the max norm of its arguments at that entry: ``|d out_e| <= max_i |d g_i(e)| <=
+    sqrt(sum_i |d g_i(e)|^2)``. Summing squares over entries: ``L <= sqrt(sum_i (c_i L_i)^2)``
+    with ``c_i`` the sqrt of broadcast copies of ``g_i``. (The max of the L_i is NOT a bound:
+    taking one entry from ``(t, 0)`` and the other from ``(0, t)`` gives ``(t, t)``, sqrt 2.)"""
+    deps = [a for a in args if isinstance(a, Node) and ctx.L(a) is not None]
+    parts = [ctx.L(a) * _copies(ctx, node, a) for a in deps]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.sqrt(sum(p * p for p in parts))
+
+
+@register_function(torch.clamp, torch.clip)
+@register_method("clamp", "clip")
+def clamp(ctx: WalkContext, node: Node) -> torch.Tensor:
+    """``clamp(x, lo, hi) = min(max(x, lo), hi)``: 1-Lipschitz in x for constant bounds
+    (input-dependent bounds: ``_max_like``)."""
+    a = _args(ctx, node, ["input", "min", "max"], {"min": None, "max": None})
+    return _max_like(ctx, node, [a["input"], a["min"], a["max"]])
+
+
+@register_function(torch.clamp_min)
+@register_method("clamp_min")
+def clamp_min(ctx: WalkContext, node: Node) -> torch.Tensor:
+    a = _args(ctx, node, ["input", "min"], {})
+    return _max_like(ctx, node, [a["input"], a["min"]])
+
+
+@register_function(torch.clamp_max)
+@register_method("clamp_max")
+def clamp_max(ctx: WalkContext, node: Node) -> torch.Tensor:
+    a = _args(ctx, node, ["input", "max"], {})
+    return _max_like(ctx, node, [a["input"], a["max"]])
+
+
+# ``| |a| - |b| | <= |a - b|`` entrywise: 1-Lipschitz.
+register_function(torch.abs, torch.absolute, operator.abs)(identity)
+register_method("abs", "absolute")(identity)
+
+
+def _where(ctx: WalkContext, node: Node, a: dict) -> torch.Tensor:
+    """``where(cond, a, b)`` with a constant condition selects each entry from ``a`` or ``b``:
+    ``sqrt(L_a^2 + L_b^2)`` (``_max_like``; exact for ``(t, t)`` from ``(t, 0)``/``(0, t)``).
+    A condition computed from the input switches branches, a jump in general: refused."""
+    if ctx.L(a["condition"]) is not None:
+        raise UnsupportedOperationError(
+            f"node {node.name!r}: torch.where with a condition computed from the input switches "
+            "between branches (a jump in general): not Lipschitz. Use relu / clamp / maximum of "
+            "a supported form instead."
+        )
+    return _max_like(ctx, node, [a["input"], a["other"]])
+
+
+_COMPARISONS = (operator.gt, operator.ge, operator.lt, operator.le, operator.eq, operator.ne)
+
+
+@register_function(*_COMPARISONS, torch.gt, torch.ge, torch.lt, torch.le, torch.eq, torch.ne)
+@register_method("gt", "ge", "lt", "le", "eq", "ne")
+def comparison(ctx: WalkContext, node: Node) -> torch.Tensor:
+    """A comparison of input-dependent values is a step function: refused with an explanation
+    (e.g. ``torch.where(x > 0, a, b)`` switches branches where ``x`` crosses 0)."""
+    raise UnsupportedOperationError(
+        f"graph node {node.name!r} compares input-dependent values: a step function, not "
+        "Lipschitz (as a torch.where condition it switches branches with a jump). Use relu / "
+        "clamp / abs instead."
+    )
+
+
+@register_function(torch.where)
+def where_function(ctx: WalkContext, node: Node) -> torch.Tensor:
+    if len(node.args) + len(node.kwargs) < 3:
+        raise UnsupportedOperationError(f"node {node.name!r}: torch.where(cond) returns indices")
+    return _where(ctx, node, _args(ctx, node, ["condition", "input", "other"], {}))
+
+
+@register_method("where")
+def where_method(ctx: WalkContext, node: Node) -> torch.Tensor:
+    return _where(ctx, node, _args(ctx, node, ["input", "condition", "other"], {}))
+
+
+def _pad_factor(ctx: WalkContext, node: Node, pad, mode: str) -> float:
+    """Padding is a linear map acting separably on each padded axis (``constant``: its linear
+    part is the zero padding, an isometric embedding, factor 1). ``reflect``, ``replicate`` and
+    ``circular`` copy border entries: the exact norm is the product over padded axes of the
+    norms of the 1-D padding matrices on the actual sizes (``norms.separable_bound``, float64),
+    at most sqrt(max copies of one entry)."""
+    if mode == "constant":
+        return 1.0
+    if mode not in ("reflect", "replicate", "circular"):
+        raise UnsupportedOperationError(f"node {node.name!r}: F.pad mode {mode!r} has no rule")
+    shape = ctx.in_shape(node)
+    pad = tuple(int(p) for p in pad)
+    n = len(pad) // 2
+    if n > len(shape):
+        raise UnsupportedOperationError(f"node {node.name!r}: padding of the batch dimension")
+    axes = list(range(len(shape) - n, len(shape)))
+
+    def compute() -> float:
+        try:
+            return float(norms.separable_bound(lambda u: F.pad(u, pad, mode), shape, axes))
+        except ValueError as exc:  # pragma: no cover - padding is always separable
+            raise UnsupportedOperationError(f"node {node.name!r}: {exc}") from exc
+
+    f = _cached(ctx, node, compute)
+    ctx.record(node, f"pad_{mode}", f)
+    return f
+
+
+@register_function(F.pad)
+def pad_any(ctx: WalkContext, node: Node) -> torch.Tensor:
+    """(Replaces ``pad`` above, which refused every mode but constant.)"""
+    a = _args(ctx, node, ["input", "pad", "mode", "value"], {"mode": "constant", "value": None})
+    return _first(ctx, node) * _pad_factor(ctx, node, a["pad"], a["mode"] or "constant")
+
+
+_PAD_MODULES = {
+    nn.ReflectionPad1d: "reflect",
+    nn.ReflectionPad2d: "reflect",
+    nn.ReflectionPad3d: "reflect",
+    nn.ReplicationPad1d: "replicate",
+    nn.ReplicationPad2d: "replicate",
+    nn.ReplicationPad3d: "replicate",
+    nn.CircularPad1d: "circular",
+    nn.CircularPad2d: "circular",
+    nn.CircularPad3d: "circular",
+    nn.ZeroPad1d: "constant",
+    nn.ZeroPad2d: "constant",
+    nn.ZeroPad3d: "constant",
+    nn.ConstantPad1d: "constant",
+    nn.ConstantPad2d: "constant",
+    nn.ConstantPad3d: "constant",
+}
+
+
+@register_module(*_PAD_MODULES)
+def pad_module(ctx: WalkContext, node: Node) -> torch.Tensor:
+    m = ctx.module(node)
+    mode = next(v for k, v in _PAD_MODULES.items() if isinstance(m, k))
+    return _first(ctx, node) * _pad_factor(ctx, node, m.padding, mode)
+
+
+register_method("abs_", "absolute_")(identity)
+register_method("clamp_", "clip_")(clamp)
+register_method("clamp_min_")(clamp_min)
+register_method("clamp_max_")(clamp_max)
