@@ -23,3 +23,8 @@ class ConfigError(LipmarginError):
 
 class InputError(LipmarginError):
     """Bad input to a public function: wrong shape, NaN, wrong dtype."""
+
+
+class RunFolderError(LipmarginError):
+    """A run folder cannot be used as asked: an existing run without --resume or --overwrite,
+    --resume without a checkpoint, or a resumed config that changes what the checkpoint holds."""
