@@ -19,7 +19,7 @@ from lipmargin.bounds import LipschitzBound
 from lipmargin.certify import certify
 from lipmargin.cli import main
 from lipmargin.data import load_dataset
-from lipmargin.train import load_run
+from lipmargin.runs import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_RADII = [0.5, 1.0, 1.58, 2.0]

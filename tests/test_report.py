@@ -19,7 +19,8 @@ from lipmargin.config import config_from_dict
 from lipmargin.data import dataset_info, load_dataset
 from lipmargin.errors import InputError
 from lipmargin.report import _pick_examples, _plot_examples, _Run, write_report
-from lipmargin.train import load_run, train
+from lipmargin.runs import load_run
+from lipmargin.train import train
 
 N, ANALYZE_N = 50, 20
 FIGURES = [

@@ -168,9 +168,14 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a TOML config (or the defaults) and apply ``key=value`` overrides (JSON values)."""
-    data: dict[str, Any] = {}
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Read a TOML config (or ``base``, or the defaults) and apply ``key=value`` overrides
+    (values as :func:`_parse_value` reads them)."""
+    data: dict[str, Any] = dict(base or {})
     if path is not None:
         p = Path(path)
         if not p.is_file():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import time
@@ -13,6 +12,7 @@ from typing import Any
 
 from .certify import CertificationReport
 from .errors import InputError
+from .outputs import check_writable, write_text_atomic
 
 
 def certified_table(report: CertificationReport, title: str = "") -> str:
@@ -127,15 +127,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
     return lines
 
 
-def _read_log(folder: Path) -> list[dict[str, Any]]:
-    path = folder / "log.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
 def _load_runs(runs: Sequence[str | Path], labels: Sequence[str] | None) -> list[_Run]:
-    from .train import load_run
+    from .runs import load_run, read_log
 
     if labels is not None and len(labels) != len(runs):
         raise InputError(f"{len(labels)} labels given for {len(runs)} runs")
@@ -152,7 +145,7 @@ def _load_runs(runs: Sequence[str | Path], labels: Sequence[str] | None) -> list
             label = f"{label} #{i + 1}"
         seen.add(label)
         slug = f"{i + 1}-{_slug(label)}"
-        out.append(_Run(label, slug, folder, model, bound, cfg, meta, _read_log(folder)))
+        out.append(_Run(label, slug, folder, model, bound, cfg, meta, read_log(folder)))
     return out
 
 
@@ -380,14 +373,14 @@ def write_report(
     if isinstance(analyze_n, bool) or not isinstance(analyze_n, int) or analyze_n < 0:
         raise InputError(f"analyze_n must be a non-negative integer, got {analyze_n!r}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out / "report.md", what="report folder")
     t0 = time.perf_counter()
 
     def say(msg: str) -> None:
         if progress:
             print(f"[report {time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    loaded = _load_runs(runs, labels)
+    loaded = _load_runs(runs, labels)  # runs and data before the folder: a failure leaves nothing
     data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for run in loaded:
         key = dataset_info(run.cfg.dataset)["name"]
@@ -399,6 +392,7 @@ def write_report(
         run.radii_eps = [float(r) for r in dataset_info(key)["radii"]]
         say(f"certifying {run.label} on {run.x.shape[0]} points")
         run.report = evaluate(run.model, run.bound, batches(run.x, run.y, 500), run.radii_eps)
+    out.mkdir(parents=True, exist_ok=True)
 
     md: list[str] = [
         "# Certification report",
@@ -545,7 +539,6 @@ def write_report(
         md += [*_table([*header, "median D"], rows), ""]
 
     md.append(f"Report written in {time.perf_counter() - t0:.1f} s.")
-    path = out / "report.md"
-    path.write_text("\n".join(md) + "\n")
+    path = write_text_atomic(out / "report.md", "\n".join(md) + "\n")
     say(f"wrote {path}")
     return path

@@ -276,6 +276,18 @@ def load_run(
     return model, bound, cfg, tensors, meta
 
 
+def load_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    """The training config stored in a run's checkpoint sidecar (verified), as a dict.
+
+    Raises:
+        CheckpointError: missing or corrupt checkpoint, or no config in its sidecar.
+    """
+    _, meta = load_checkpoint(path)
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path}: no training config in the checkpoint's sidecar")
+    return meta["config"]
+
+
 def has_checkpoint(run_dir: str | Path) -> bool:
     """Whether ``run_dir`` holds a checkpoint (what ``resume`` continues from)."""
     return (Path(run_dir) / CHECKPOINT_NAME).is_file()
