@@ -184,7 +184,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from .certify import batches, evaluate
     from .data import dataset_info, load_dataset
     from .outputs import write_text_atomic
-    from .report import certified_table, plot_certified_curve
+    from .report import certified_table, layer_comparison, plot_certified_curve
 
     _check_outputs(args)
     model, bound, dataset = _load_for_certify(args)
@@ -205,7 +205,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
     print(certified_table(report, dataset))
     if args.layers:
         for row in cert.layers:
-            est = "" if row.estimate is None else f"  (power iteration {row.estimate:.6g})"
+            value, what = layer_comparison(row)
+            est = "" if value is None else f"  ({what} {value:.6g})"
             print(f"  {row.name:24s} {row.kind:14s} {row.bound:.6g}{est}")
     if args.json:
         data = {"dataset": dataset, "target": args.target, **report.to_dict()}
