@@ -386,6 +386,17 @@ def test_corrupt_checkpoint_raises(tmp_path, straight_run) -> None:
         ["c=-0.5"],
         ["train_subset=0"],
         ["nokeyvalue"],
+        ["lr=nan"],
+        ["lr=inf"],
+        ["weight_decay=-1"],
+        ["momentum=-0.5"],
+        ["lr_gamma=-0.1"],
+        ['device="gpu"'],
+        ["eval_eps=0"],
+        ['release_factor="False"'],
+        ["release_factor=1"],
+        ["name=123"],
+        ['model="wong_kolter"', "dataset=7"],
     ],
 )
 def test_invalid_config_raises(overrides) -> None:
@@ -408,6 +419,28 @@ def test_wrongly_typed_config_raises_config_error(overrides) -> None:
     training loop later with a TypeError (a traceback from the CLI)."""
     with pytest.raises(ConfigError):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("lr=.001", 0.001),
+        ("lr=1.", 1.0),
+        ("lr=1e-3", 1e-3),
+        ("release_factor=False", False),
+        ("release_factor=false", False),
+        ("release_factor=True", True),
+        ("lr_milestones=[1, 2]", [1, 2]),
+        ("name=foo", "foo"),
+        ("name='foo'", "foo"),
+        ("c0=None", None),
+    ],
+)
+def test_set_values_parse_like_toml_json_and_python(text, value) -> None:
+    key = text.split("=", 1)[0]
+    cfg = load_config(None, [text])
+    assert getattr(cfg, key) == value
+    assert type(getattr(cfg, key)) is type(value)
 
 
 def test_config_file_errors(tmp_path) -> None:
@@ -493,3 +526,9 @@ def test_ddp_two_processes_match_single_process(tmp_path, data_dir) -> None:
     log1 = [json.loads(ln) for ln in (single / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [4, 8]
     assert log[-1]["bound"] == pytest.approx(log1[-1]["bound"], rel=1e-4)
+    # the logged loss and training accuracy are all-reduced over the ranks, not rank 0's shard
+    for r, r1 in zip(log, log1, strict=True):
+        assert r["loss"] == pytest.approx(r1["loss"], rel=1e-4)
+        assert r["train_accuracy"] == pytest.approx(r1["train_accuracy"], abs=1e-9)
+    # and only rank 0 prints the final record
+    assert proc.stdout.count('"epoch": 2') == 1, proc.stdout
