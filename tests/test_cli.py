@@ -439,7 +439,7 @@ ERROR_CASES = {
         "cannot write run folder",
     ),
     # config values
-    "lr=nan": (["train", "--set", "lr=nan", "--out", "{tmp}/x"], "lr"),
+    "lr=NaN": (["train", "--set", "lr=NaN", "--out", "{tmp}/x"], "lr"),
     "negative weight_decay": (["train", "--set", "weight_decay=-1", "--out", "{tmp}/x"], "weight_"),
     "negative momentum": (["train", "--set", "momentum=-0.5", "--out", "{tmp}/x"], "momentum"),
     "negative lr_gamma": (["train", "--set", "lr_gamma=-0.1", "--out", "{tmp}/x"], "lr_gamma"),

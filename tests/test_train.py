@@ -387,6 +387,7 @@ def test_corrupt_checkpoint_raises(tmp_path, straight_run) -> None:
         ["train_subset=0"],
         ["nokeyvalue"],
         ["lr=nan"],
+        ["lr=NaN"],
         ["lr=inf"],
         ["weight_decay=-1"],
         ["momentum=-0.5"],
