@@ -106,12 +106,15 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     from .data import default_data_dir
-    from .fetch import fetch
+    from .fetch import fetch, find_problems
     from .outputs import check_writable
 
     root = Path(args.data_dir) if args.data_dir is not None else default_data_dir()
-    check_writable(root / "mnist" / "probe", what="data folder")
-    dirs = fetch(root, names=args.names or ("mnist", "fashion-mnist"), verbose=not args.quiet)
+    names = args.names or ("mnist", "fashion-mnist")
+    missing = [n for n in names if find_problems(root, n)]
+    if missing:  # something will be written: refuse an unwritable folder before downloading
+        check_writable(root / missing[0] / "probe", what="data folder")
+    dirs = fetch(root, names=names, verbose=not args.quiet)
     for name, d in dirs.items():
         print(f"{name}: {d}")
     return 0
