@@ -105,6 +105,7 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
+    """``data fetch``: download and verify datasets (the folder checked writable first)."""
     from .data import default_data_dir
     from .fetch import fetch, find_problems
     from .outputs import check_writable
@@ -121,6 +122,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    """``data info``: load both splits of a dataset and print a summary."""
     from .data import dataset_info, load_dataset
 
     for split in ("train", "test"):
@@ -135,6 +137,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``train``: build the config (the run's own with ``--resume`` and no ``--config``), train
+    into the run folder (see :mod:`lipmargin.runs`), print the last record on rank 0."""
     from . import runs
     from .config import TrainConfig, load_config
     from .train import train
@@ -182,6 +186,7 @@ def _load_for_certify(args: argparse.Namespace):
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
+    """``certify``: certified accuracy, radii and optionally per-layer bounds, JSON and plot."""
     from tqdm import tqdm
 
     from .certify import batches, evaluate
@@ -223,6 +228,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
 
 def _points(args: argparse.Namespace, dataset: str):
+    """The first ``--n`` points of the chosen split."""
     from .data import load_dataset
 
     x, y = load_dataset(dataset, args.split, args.data_dir)
@@ -230,6 +236,7 @@ def _points(args: argparse.Namespace, dataset: str):
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    """``audit``: attack every certificate (seeded); exit 1 if one breaks."""
     from tqdm import tqdm
 
     from .audit import audit
@@ -276,6 +283,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    """``analyze``: the paper's tightness ratios (Fig. 4)."""
     from .audit import PAPER_RATIOS, tightness
     from .outputs import write_text_atomic
 
@@ -299,6 +307,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """``report``: Markdown report with figures; nothing is created if a run cannot be read."""
     from .report import write_report
 
     path = write_report(

@@ -17,14 +17,14 @@ class CheckpointError(LipmarginError):
     """A checkpoint is missing, corrupt or does not match the model."""
 
 
+class RunFolderError(LipmarginError):
+    """A run folder cannot be used as asked: an existing run without --resume or --overwrite,
+    --resume without a checkpoint, or a resumed config that changes what the checkpoint holds."""
+
+
 class ConfigError(LipmarginError):
     """A configuration value is invalid."""
 
 
 class InputError(LipmarginError):
     """Bad input to a public function: wrong shape, NaN, wrong dtype."""
-
-
-class RunFolderError(LipmarginError):
-    """A run folder cannot be used as asked: an existing run without --resume or --overwrite,
-    --resume without a checkpoint, or a resumed config that changes what the checkpoint holds."""
