@@ -640,8 +640,8 @@ def test_help_documents_every_option() -> None:
     )
     for f in dataclasses.fields(TrainConfig):
         assert f.name in train_help, f.name
-    assert "(default: 1000)" in " ".join(
-        parser._subparsers._group_actions[0].choices["certify"].format_help().split()
-    )
+    choices = parser._subparsers._group_actions[0].choices
+    assert "(default: 1000)" in " ".join(choices["certify"].format_help().split())
+    assert "random starts (default: 0)" in " ".join(choices["audit"].format_help().split())
     proc = _cli("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"lipmargin {__version__}"

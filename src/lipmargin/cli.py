@@ -32,7 +32,9 @@ class _Formatter(argparse.HelpFormatter):
         text = action.help or ""
         if (
             "default" not in text
-            and action.default not in (None, False, argparse.SUPPRESS, [])
+            and action.default is not None
+            and action.default is not False
+            and action.default not in (argparse.SUPPRESS, [])
             and action.option_strings
         ):
             text += " (default: %(default)s)"
@@ -341,8 +343,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_config(None, overrides)
     run_dir = Path(args.out)
     # a second `make demo` continues the finished run (nothing to train) instead of refusing
-    resume = runs.has_checkpoint(run_dir)
-    train(cfg, run_dir, resume=resume, data_dir=args.data_dir, progress=not args.quiet)
+    resume = runs.has_checkpoint(run_dir) and not args.overwrite
+    train(
+        cfg,
+        run_dir,
+        resume=resume,
+        overwrite=args.overwrite,
+        data_dir=args.data_dir,
+        progress=not args.quiet,
+    )
     model, bound, _, _, _ = runs.load_run(run_dir)
     x, y = load_dataset("mnist", "test", args.data_dir)
     report = evaluate(model, bound, batches(x, y, 1000), [0.5, 1.0, 1.58, 2.0])
@@ -484,6 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-subset", type=_positive_int, default=20000, help="training images used"
     )
     p_demo.add_argument("--out", default="runs/demo", help="run folder")
+    p_demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train again even if the run folder holds a run (the old one is kept aside)",
+    )
     _add_data_dir(p_demo)
     p_demo.set_defaults(func=cmd_demo)
     return parser
