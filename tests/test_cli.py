@@ -470,6 +470,10 @@ ERROR_CASES = {
         ["audit", "{run}", "--data-dir", "{data}", "--json", "{file}/a.json"],
         "--json",
     ),
+    "analyze --json": (
+        ["analyze", "{run}", "--data-dir", "{data}", "--json", "{file}/t.json"],
+        "--json",
+    ),
     "report --out": (
         ["report", "{run}", "--data-dir", "{data}", "--out", "{file}/rep"],
         "report folder",
@@ -549,11 +553,20 @@ def test_console_script_resume_says_nothing_to_train(tmp_path, run_dir) -> None:
     assert _snapshot(run) == before
 
 
-def test_resume_with_more_epochs_from_the_runs_own_config(tmp_path, run_dir, data_dir) -> None:
+def test_resume_with_more_epochs_from_the_runs_own_config(
+    tmp_path, run_dir, data_dir, capsys
+) -> None:
+    """--resume without --config: the run's config plus the --set changes; --quiet prints no
+    epoch lines and no progress bars, only the resume line, the record and the folder."""
     run = _copy_run(run_dir, tmp_path / "run")
     code = main(["train", "--out", str(run), "--resume", "--set", "epochs=2", "--quiet",
                  "--data-dir", str(data_dir)])  # fmt: skip
     assert code == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("resuming") and "epochs 1 -> 2" in lines[0]
+    assert json.loads(lines[1])["epoch"] == 2 and lines[2] == f"run folder: {run}"
+    assert captured.err == ""
     log = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
     meta = json.loads((run / "last.json").read_text())
