@@ -533,3 +533,24 @@ def test_ddp_two_processes_match_single_process(tmp_path, data_dir) -> None:
         assert r["train_accuracy"] == pytest.approx(r1["train_accuracy"], abs=1e-9)
     # and only rank 0 prints the final record
     assert proc.stdout.count('"epoch": 2') == 1, proc.stdout
+
+
+def test_run_checkpoint_round_trip_with_batch_norm(tmp_path, monkeypatch) -> None:
+    """BatchNorm's 0-dim num_batches_tracked buffer goes into the fingerprint, and a saved run
+    checkpoint of such a model loads back with the architecture check passing."""
+    (tmp_path / "bn.py").write_text(
+        "from torch import nn\n\n\ndef factory():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.BatchNorm2d(2), nn.ReLU(),\n"
+        "                         nn.Flatten(), nn.Linear(2 * 13 * 13, 10))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    cfg = cfg_of(model=f"{tmp_path / 'bn.py'}:factory")
+    model, shape = runs.build_model(cfg)
+    model.eval()
+    bound = runs.LipschitzBound(model, shape)
+    path = tmp_path / "run" / "last.safetensors"
+    runs.save_run_checkpoint(path, model, bound, None, {"config": cfg.to_dict()}, cfg)
+    loaded, _, _, _, meta = load_run(path)
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert len(meta["fingerprint"]) == 64

@@ -122,7 +122,7 @@ def fingerprint(arch: dict[str, Any], weights: dict[str, torch.Tensor]) -> str:
         t = weights[key].detach().to("cpu").contiguous()
         h.update(key.encode())
         h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
