@@ -73,7 +73,7 @@ def main() -> None:
     torch.manual_seed(0)
     rows = conv_rows(models.build("wong_kolter"), (1, 28, 28), "wong_kolter (random init)")
     if args.run:
-        from lipmargin.train import load_run
+        from lipmargin.runs import load_run
 
         model, _, _, _, _ = load_run(args.run)
         rows += conv_rows(model, (1, 28, 28), f"wong_kolter ({Path(args.run).name})")

@@ -31,7 +31,8 @@ import torch
 from lipmargin.certify import batches, evaluate
 from lipmargin.config import load_config
 from lipmargin.data import load_dataset
-from lipmargin.train import load_run, train
+from lipmargin.runs import has_checkpoint, load_run, read_log
+from lipmargin.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "results" / "ablation"
@@ -84,8 +85,8 @@ def run_variant(key: str, data_dir: str | None, audit_n: int, x, y, train_it: bo
     cfg = load_config(ROOT / cfg_path, overrides + [f'name="ablation-{key}"'])
     run_dir = ROOT / "runs" / "ablation" / key
     if train_it:
-        train(cfg, run_dir, resume=True, data_dir=data_dir, progress=False)
-    log = [json.loads(ln) for ln in (run_dir / "log.jsonl").read_text().splitlines()]
+        train(cfg, run_dir, resume=has_checkpoint(run_dir), data_dir=data_dir, progress=False)
+    log = read_log(run_dir)
     model, bound, _, _, meta = load_run(run_dir)
     t0 = time.perf_counter()
     rep = evaluate(model, bound, batches(x, y, 1000), EPS)

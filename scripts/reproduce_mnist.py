@@ -24,7 +24,8 @@ from lipmargin.audit import PAPER_RATIOS, audit, tightness
 from lipmargin.certify import batches, evaluate
 from lipmargin.config import load_config
 from lipmargin.data import load_dataset
-from lipmargin.train import load_run, train
+from lipmargin.runs import has_checkpoint, load_run, read_log
+from lipmargin.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = {"LMT (c = 1)": "configs/mnist_lmt.toml", "unregularised": "configs/mnist_plain.toml"}
@@ -48,8 +49,9 @@ def main() -> None:
         run_dir = ROOT / "runs" / cfg.name
         t0 = time.perf_counter()
         if not args.skip_train:
-            train(cfg, run_dir, resume=True, data_dir=args.data_dir, progress=False)
-        log = [json.loads(ln) for ln in (run_dir / "log.jsonl").read_text().splitlines()]
+            resume = has_checkpoint(run_dir)
+            train(cfg, run_dir, resume=resume, data_dir=args.data_dir, progress=False)
+        log = read_log(run_dir)
         model, bound, _, _, meta = load_run(run_dir)
         rep = evaluate(model, bound, batches(x, y, 1000), EPS)
         aud = audit(model, bound, batches(x[: args.audit_n], y[: args.audit_n], 250))

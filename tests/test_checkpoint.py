@@ -286,3 +286,26 @@ def test_load_into_reports_mismatches() -> None:
         load_into(model, wrong)
     with pytest.raises(CheckpointError, match="shape mismatch"):
         load_into(model, wrong, strict=False)
+
+
+def test_files_have_ordinary_mode(tmp_path: Path) -> None:
+    """mkstemp creates 0600 files; a checkpoint must get 0666 minus the umask like the rest."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = tmp_path / "last.safetensors"
+    save_checkpoint(path, _state(), {})
+    for p in (path, sidecar_path(path)):
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p.name
+
+
+def test_header_entries_round_trip_and_are_hashed(tmp_path: Path) -> None:
+    path = tmp_path / "last.safetensors"
+    save_checkpoint(path, _state(), {"epoch": 1}, header={"arch": '{"act": "relu"}'})
+    _, meta = load_checkpoint(path)
+    assert meta[CHECKPOINT_KEY]["tensor_metadata"] == {"arch": '{"act": "relu"}'}
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b'"relu', b'"tanh'))  # same length, edited header
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(path)
+    with pytest.raises(InputError, match="strings"):
+        save_checkpoint(path, _state(), {}, header={"n": 3})  # type: ignore[dict-item]

@@ -17,9 +17,10 @@ from lipmargin.bounds import LipschitzBound
 from lipmargin.certify import batches, evaluate
 from lipmargin.config import config_from_dict
 from lipmargin.data import dataset_info, load_dataset
-from lipmargin.errors import InputError
-from lipmargin.report import _pick_examples, _plot_examples, _Run, write_report
-from lipmargin.train import load_run, train
+from lipmargin.errors import CheckpointError, InputError
+from lipmargin.report import _pick_examples, _plot_examples, _Run, layer_comparison, write_report
+from lipmargin.runs import load_run
+from lipmargin.train import train
 
 N, ANALYZE_N = 50, 20
 FIGURES = [
@@ -189,3 +190,24 @@ def test_colour_examples_figure(tmp_path) -> None:
     assert path is not None and "prediction unchanged on all 8 images" in caption
     img = mpimg.imread(path)
     assert float(img[..., :3].std()) > 0.01
+
+
+def test_layer_comparison_is_exact_for_dense_layers(built) -> None:
+    """The last nn.Linear's power-iteration vector is never updated under the pairwise bound:
+    its 'estimate' must not be shown; dense layers show their exact spectral norm."""
+    _, runs, _ = built
+    model, bound, _, _, _ = load_run(runs[0])
+    rows = {r.name: r for r in bound.certified().layers}
+    for name in ("fc1", "fc2"):
+        value, what = layer_comparison(rows[name])
+        exact = float(torch.linalg.matrix_norm(getattr(model, name).weight.detach().double(), 2))
+        assert what == "exact" and value == pytest.approx(exact, rel=1e-6)
+    value, what = layer_comparison(rows["conv1"])
+    assert what == "power-iteration estimate" and value == rows["conv1"].estimate
+
+
+def test_report_on_missing_run_creates_nothing(tmp_path, built) -> None:
+    _, runs, data_dir = built
+    with pytest.raises(CheckpointError):
+        write_report([runs[0], tmp_path / "missing"], tmp_path / "out", data_dir=data_dir, n=N)
+    assert not (tmp_path / "out").exists()

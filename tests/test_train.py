@@ -9,18 +9,21 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from fakedata import write_fake_mnist
+from lipmargin import runs
 from lipmargin.certify import batches, evaluate
 from lipmargin.checkpoint import load_checkpoint
 from lipmargin.config import config_from_dict, load_config
 from lipmargin.data import load_dataset
-from lipmargin.errors import CheckpointError, ConfigError
-from lipmargin.train import load_run, train
+from lipmargin.errors import CheckpointError, ConfigError, RunFolderError
+from lipmargin.runs import load_run
+from lipmargin.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_KEYS = {
@@ -160,12 +163,115 @@ def test_resume_adversarial_matches_straight_run(tmp_path, data_dir) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_resume_without_checkpoint_starts_fresh(tmp_path, data_dir, capsys) -> None:
+def test_resume_without_checkpoint_is_refused(tmp_path, data_dir) -> None:
+    """A typo in --out with --resume must not train from scratch with exit 0."""
     run = tmp_path / "fresh"
     cfg = cfg_of(epochs=1, train_subset=50, eval_n=10)
-    train(cfg, run, resume=True, data_dir=data_dir, progress=False)
-    assert "no checkpoint" in capsys.readouterr().out
-    assert json.loads((run / "last.json").read_text())["epoch"] == 1
+    with pytest.raises(RunFolderError, match="no checkpoint"):
+        train(cfg, run, resume=True, data_dir=data_dir, progress=False)
+    assert not run.exists()
+
+
+def _small_run(tmp_path, data_dir, name="run", **overrides):
+    run = tmp_path / name
+    cfg = cfg_of(**{"epochs": 1, "train_subset": 50, "eval_n": 10, **overrides})
+    train(cfg, run, data_dir=data_dir, progress=False)
+    return run, cfg
+
+
+def test_existing_run_is_refused_without_resume_or_overwrite(tmp_path, data_dir) -> None:
+    run, cfg = _small_run(tmp_path, data_dir)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(RunFolderError, match="--resume.*--overwrite"):
+        train(cfg, run, data_dir=data_dir, progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing touched
+
+
+def test_overwrite_keeps_the_old_run_aside(tmp_path, data_dir, capsys) -> None:
+    run, cfg = _small_run(tmp_path, data_dir)
+    old_ckpt = (run / "last.safetensors").read_bytes()
+    old_log = (run / "log.jsonl").read_text()
+    train(replace(cfg, seed=1), run, overwrite=True, data_dir=data_dir, progress=False)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1
+    assert (aside[0] / "last.safetensors").read_bytes() == old_ckpt
+    assert (aside[0] / "log.jsonl").read_text() == old_log
+    assert str(aside[0]) in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["seed"] == 1
+    with pytest.raises(RunFolderError, match="exclude"):
+        train(cfg, run, resume=True, overwrite=True, data_dir=data_dir, progress=False)
+
+
+def test_resume_with_fewer_or_equal_epochs_says_so(tmp_path, data_dir, capsys) -> None:
+    run, cfg = _small_run(tmp_path, data_dir, epochs=2)
+    files = {p.name: p.read_bytes() for p in run.iterdir()}
+    record = train(cfg, run, resume=True, data_dir=data_dir, progress=False)
+    assert "nothing to train" in capsys.readouterr().out
+    assert record["epoch"] == 2
+    with pytest.raises(RunFolderError, match="already trained 2 epochs"):
+        train(replace(cfg, epochs=1), run, resume=True, data_dir=data_dir, progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == files  # config.json untouched
+
+
+@pytest.mark.parametrize(
+    ("change", "keys"),
+    [
+        ({"model_kwargs": {"activation": "maxmin"}}, "model_kwargs"),
+        ({"model": "c6f2"}, "model"),
+        ({"optimizer": "sgd"}, "optimizer"),
+        ({"c": 0.25, "method": "plain"}, "c, method"),
+    ],
+)
+def test_resume_refuses_incompatible_config(tmp_path, data_dir, change, keys) -> None:
+    run, cfg = _small_run(tmp_path, data_dir)
+    files = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(RunFolderError, match=f"changes {keys} "):
+        train(replace(cfg, epochs=2, **change), run, resume=True, data_dir=data_dir, progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == files
+
+
+def test_resume_allows_and_records_schedule_changes(tmp_path, data_dir, capsys) -> None:
+    run, cfg = _small_run(tmp_path, data_dir)
+    new = replace(cfg, epochs=2, lr=1e-3, lr_milestones=[1])
+    record = train(new, run, resume=True, data_dir=data_dir, progress=False)
+    assert record["epoch"] == 2 and record["lr"] == pytest.approx(1e-4)
+    assert "lr 0.003 -> 0.001" in capsys.readouterr().out
+    meta = json.loads((run / "last.json").read_text())
+    changes = {"epochs": [1, 2], "lr": [3e-3, 1e-3], "lr_milestones": [[], [1]]}
+    assert meta["resumes"] == [{"at_epoch": 1, "changes": changes}]
+    assert json.loads((run / "config.json").read_text()) == new.to_dict()
+    assert [r["epoch"] for r in runs.read_log(run)] == [1, 2]
+
+
+def test_checkpoint_files_have_ordinary_mode(tmp_path, data_dir) -> None:
+    run, _ = _small_run(tmp_path, data_dir)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("last.safetensors", "last.json", "config.json", "log.jsonl"):
+        assert (run / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+def test_edited_sidecar_architecture_is_detected(tmp_path, data_dir) -> None:
+    """relu -> maxmin keeps every shape: only the fingerprint in the tensors file tells."""
+    run, _ = _small_run(tmp_path, data_dir)
+    meta = json.loads((run / "last.json").read_text())
+    meta["config"]["model_kwargs"] = {"activation": "maxmin"}
+    (run / "last.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="different network.*activation"):
+        load_run(run)
+
+
+def test_user_model_run_certifies_from_another_directory(tmp_path, data_dir, monkeypatch) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "net.py").write_text(
+        "from torch import nn\n\n\ndef factory():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    run, _ = _small_run(tmp_path, data_dir, model="models/net.py:factory")
+    monkeypatch.chdir(tmp_path / "models")
+    model, _, cfg, _, _ = load_run(run)
+    assert Path(cfg.model.rsplit(":", 1)[0]).is_absolute()
 
 
 # --------------------------------------------------------------------------- methods
@@ -280,6 +386,18 @@ def test_corrupt_checkpoint_raises(tmp_path, straight_run) -> None:
         ["c=-0.5"],
         ["train_subset=0"],
         ["nokeyvalue"],
+        ["lr=nan"],
+        ["lr=NaN"],
+        ["lr=inf"],
+        ["weight_decay=-1"],
+        ["momentum=-0.5"],
+        ["lr_gamma=-0.1"],
+        ['device="gpu"'],
+        ["eval_eps=0"],
+        ['release_factor="False"'],
+        ["release_factor=1"],
+        ["name=123"],
+        ['model="wong_kolter"', "dataset=7"],
     ],
 )
 def test_invalid_config_raises(overrides) -> None:
@@ -302,6 +420,28 @@ def test_wrongly_typed_config_raises_config_error(overrides) -> None:
     training loop later with a TypeError (a traceback from the CLI)."""
     with pytest.raises(ConfigError):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("lr=.001", 0.001),
+        ("lr=1.", 1.0),
+        ("lr=1e-3", 1e-3),
+        ("release_factor=False", False),
+        ("release_factor=false", False),
+        ("release_factor=True", True),
+        ("lr_milestones=[1, 2]", [1, 2]),
+        ("name=foo", "foo"),
+        ("name='foo'", "foo"),
+        ("c0=None", None),
+    ],
+)
+def test_set_values_parse_like_toml_json_and_python(text, value) -> None:
+    key = text.split("=", 1)[0]
+    cfg = load_config(None, [text])
+    assert getattr(cfg, key) == value
+    assert type(getattr(cfg, key)) is type(value)
 
 
 def test_config_file_errors(tmp_path) -> None:
@@ -387,3 +527,30 @@ def test_ddp_two_processes_match_single_process(tmp_path, data_dir) -> None:
     log1 = [json.loads(ln) for ln in (single / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [4, 8]
     assert log[-1]["bound"] == pytest.approx(log1[-1]["bound"], rel=1e-4)
+    # the logged loss and training accuracy are all-reduced over the ranks, not rank 0's shard
+    for r, r1 in zip(log, log1, strict=True):
+        assert r["loss"] == pytest.approx(r1["loss"], rel=1e-4)
+        assert r["train_accuracy"] == pytest.approx(r1["train_accuracy"], abs=1e-9)
+    # and only rank 0 prints the final record
+    assert proc.stdout.count('"epoch": 2') == 1, proc.stdout
+
+
+def test_run_checkpoint_round_trip_with_batch_norm(tmp_path, monkeypatch) -> None:
+    """BatchNorm's 0-dim num_batches_tracked buffer goes into the fingerprint, and a saved run
+    checkpoint of such a model loads back with the architecture check passing."""
+    (tmp_path / "bn.py").write_text(
+        "from torch import nn\n\n\ndef factory():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.BatchNorm2d(2), nn.ReLU(),\n"
+        "                         nn.Flatten(), nn.Linear(2 * 13 * 13, 10))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    cfg = cfg_of(model=f"{tmp_path / 'bn.py'}:factory")
+    model, shape = runs.build_model(cfg)
+    model.eval()
+    bound = runs.LipschitzBound(model, shape)
+    path = tmp_path / "run" / "last.safetensors"
+    runs.save_run_checkpoint(path, model, bound, None, {"config": cfg.to_dict()}, cfg)
+    loaded, _, _, _, meta = load_run(path)
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert len(meta["fingerprint"]) == 64

@@ -94,14 +94,22 @@ def audit(
     cw_steps: int = 100,
     cw_binary_steps: int = 5,
     use_cw: bool = True,
+    seed: int = 0,
 ) -> AuditResult:
-    """Attack every certified point within its certified radius; report broken certificates."""
+    """Attack every certified point within its certified radius; report broken certificates.
+
+    The attacks' random starts come from a generator seeded with ``seed``: the same inputs
+    give the same result.
+    """
     cert = _cert(bound)
+    gen: torch.Generator | None = None
     model.eval()
     result = AuditResult(n=0, n_certified=0)
     ratios: list[torch.Tensor] = []
     offset = 0
     for xb, yb in batches:
+        if gen is None:
+            gen = torch.Generator(device=xb.device).manual_seed(seed)
         with torch.no_grad():
             logits = model(xb)
         radii = radii_from_logits(logits, yb, cert)
@@ -111,7 +119,11 @@ def audit(
         idx = torch.nonzero(mask).flatten()
         if idx.numel():
             xc, yc, rc = xb[idx], yb[idx], radii[idx].to(xb.dtype)
-            found = {"pgd": pgd_l2(model, xc, yc, rc, steps=pgd_steps, restarts=pgd_restarts)}
+            found = {
+                "pgd": pgd_l2(
+                    model, xc, yc, rc, steps=pgd_steps, restarts=pgd_restarts, generator=gen
+                )
+            }
             if use_cw:
                 found["cw"] = cw_l2(model, xc, yc, steps=cw_steps, binary_steps=cw_binary_steps)
             for name, res in found.items():

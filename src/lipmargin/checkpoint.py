@@ -2,7 +2,8 @@
 
 ``save_checkpoint("runs/a/last.safetensors", model.state_dict(), {"epoch": 3})`` writes
 
-* ``runs/a/last.safetensors``: the tensors (contiguous CPU clones, so shared storage is fine);
+* ``runs/a/last.safetensors``: the tensors (contiguous CPU clones, so shared storage is fine),
+  with optional string entries of the caller's in its header (covered by the sha256);
 * ``runs/a/last.json``: the caller's metadata plus a reserved ``"_checkpoint"`` entry holding the
   format version, the lipmargin/torch/python versions, the size and the sha256 of the tensors file.
 
@@ -123,11 +124,18 @@ def _write_temp(folder: Path, name: str, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return Path(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _backup(target: Path) -> Path | None:
@@ -145,12 +153,18 @@ def _backup(target: Path) -> Path | None:
 
 
 def save_checkpoint(
-    path: str | os.PathLike[str], state_dict: Mapping[str, Tensor], meta: Mapping[str, Any]
+    path: str | os.PathLike[str],
+    state_dict: Mapping[str, Tensor],
+    meta: Mapping[str, Any],
+    header: Mapping[str, str] | None = None,
 ) -> None:
     """Write ``state_dict`` to ``path`` (``.safetensors``) and ``meta`` to its ``.json`` sidecar.
 
     ``meta`` must be JSON-serialisable; an incoming ``"_checkpoint"`` entry (from a loaded
-    checkpoint) is replaced. The parent folder is created if needed.
+    checkpoint) is replaced. ``header`` (string keys and values) goes into the safetensors
+    header, so the sidecar's sha256 covers it; :func:`load_checkpoint` returns it as
+    ``meta["_checkpoint"]["tensor_metadata"]``. The parent folder is created if needed. Both
+    files get mode 0666 minus the umask, like any other file of the run.
 
     Raises:
         InputError: a non-tensor value, a non-string key or metadata JSON cannot encode.
@@ -163,8 +177,11 @@ def save_checkpoint(
     if not isinstance(meta, Mapping):
         raise InputError(f"meta must be a mapping, got {type(meta).__name__}")
     tensors = _prepare_tensors(state_dict)
+    extra = dict(header or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+        raise InputError("checkpoint header entries must be strings")
     try:
-        data = _st_save(tensors, metadata={"format": "pt"})
+        data = _st_save(tensors, metadata={"format": "pt", **extra})
     except Exception as exc:  # e.g. a dtype safetensors cannot store
         raise InputError(f"cannot serialise the state dict: {exc}") from exc
     sidecar = sidecar_path(target)
@@ -293,7 +310,19 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], di
         raise CheckpointError(
             f"checkpoint {tensors_path} is not a valid safetensors file: {exc}"
         ) from exc
+    info["tensor_metadata"] = _header_metadata(data)
     return state_dict, meta
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` entries of a safetensors file's JSON header (already validated)."""
+    n = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    extra = header.get("__metadata__") or {}
+    return {k: v for k, v in extra.items() if k != "format"}
 
 
 def load_into(

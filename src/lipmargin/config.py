@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .errors import ConfigError
 
@@ -57,7 +60,13 @@ class TrainConfig:
             return isinstance(v, int) and not isinstance(v, bool)
 
         def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for key in ("name", "dataset", "model", "method", "optimizer", "lmt_form", "device"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ConfigError(f"{key} must be a non-empty string, got {getattr(self, key)!r}")
+        if not isinstance(self.release_factor, bool):
+            raise ConfigError(f"release_factor must be true or false, got {self.release_factor!r}")
 
         for key in ("epochs", "batch_size", "eval_n", "adv_steps", "seed", "power_steps"):
             if not is_int(getattr(self, key)):
@@ -75,7 +84,7 @@ class TrainConfig:
             "c_warmup_epochs",
         ):
             if not is_num(getattr(self, key)):
-                raise ConfigError(f"{key} must be a number, got {getattr(self, key)!r}")
+                raise ConfigError(f"{key} must be a finite number, got {getattr(self, key)!r}")
         if self.train_subset is not None and not is_int(self.train_subset):
             raise ConfigError(f"train_subset must be an integer, got {self.train_subset!r}")
         if self.c0 is not None and not is_num(self.c0):
@@ -94,10 +103,38 @@ class TrainConfig:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.lmt_form not in ("pairwise", "global"):
             raise ConfigError(f"lmt_form must be 'pairwise' or 'global', got {self.lmt_form!r}")
-        for key in ("lr", "c", "epochs", "batch_size", "eval_n", "eval_eps"):
+        for key in (
+            "lr",
+            "c",
+            "epochs",
+            "batch_size",
+            "eval_n",
+            "eval_eps",
+            "weight_decay",
+            "momentum",
+            "lr_gamma",
+            "snr_lambda",
+            "parseval_beta",
+            "adv_eps",
+            "c_warmup_epochs",
+        ):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{key} must be a non-negative number, got {value!r}")
+        for key in ("lr", "eval_eps", "lr_gamma"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be positive, got {getattr(self, key)!r}")
+        if self.momentum >= 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.c0 is not None and self.c0 < 0:
+            raise ConfigError(f"c0 must be non-negative, got {self.c0!r}")
+        bad_device = f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}"
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(bad_device) from exc
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ConfigError(bad_device)
         if min(self.epochs, self.batch_size, self.eval_n, self.power_steps) < 1:
             raise ConfigError("epochs, batch_size, eval_n and power_steps must be at least 1")
         if self.train_subset is not None and self.train_subset < 1:
@@ -108,16 +145,37 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+_PYTHON_LITERALS = {"True": True, "False": False, "None": None}
+
+
 def _parse_value(text: str) -> Any:
+    """A ``--set`` value: JSON, else a TOML value (``true``, ``'s'``, ``1e-3``, ``[1, 2]``), else
+    Python float syntax (``.001``, ``1.``) or ``True``/``False``/``None``, else the bare text
+    as a string. The types are checked by :meth:`TrainConfig.validate`."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
+        pass
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    if text in _PYTHON_LITERALS:
+        return _PYTHON_LITERALS[text]
+    try:
+        return float(text)
+    except ValueError:
         return text
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a TOML config (or the defaults) and apply ``key=value`` overrides (JSON values)."""
-    data: dict[str, Any] = {}
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Read a TOML config (or ``base``, or the defaults) and apply ``key=value`` overrides
+    (values as :func:`_parse_value` reads them)."""
+    data: dict[str, Any] = dict(base or {})
     if path is not None:
         p = Path(path)
         if not p.is_file():

@@ -17,6 +17,11 @@ class CheckpointError(LipmarginError):
     """A checkpoint is missing, corrupt or does not match the model."""
 
 
+class RunFolderError(LipmarginError):
+    """A run folder cannot be used as asked: an existing run without --resume or --overwrite,
+    --resume without a checkpoint, or a resumed config that changes what the checkpoint holds."""
+
+
 class ConfigError(LipmarginError):
     """A configuration value is invalid."""
 

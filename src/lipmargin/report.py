@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import time
@@ -13,6 +12,7 @@ from typing import Any
 
 from .certify import CertificationReport
 from .errors import InputError
+from .outputs import check_writable, write_text_atomic
 
 
 def certified_table(report: CertificationReport, title: str = "") -> str:
@@ -127,15 +127,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
     return lines
 
 
-def _read_log(folder: Path) -> list[dict[str, Any]]:
-    path = folder / "log.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
 def _load_runs(runs: Sequence[str | Path], labels: Sequence[str] | None) -> list[_Run]:
-    from .train import load_run
+    from .runs import load_run, read_log
 
     if labels is not None and len(labels) != len(runs):
         raise InputError(f"{len(labels)} labels given for {len(runs)} runs")
@@ -152,7 +145,7 @@ def _load_runs(runs: Sequence[str | Path], labels: Sequence[str] | None) -> list
             label = f"{label} #{i + 1}"
         seen.add(label)
         slug = f"{i + 1}-{_slug(label)}"
-        out.append(_Run(label, slug, folder, model, bound, cfg, meta, _read_log(folder)))
+        out.append(_Run(label, slug, folder, model, bound, cfg, meta, read_log(folder)))
     return out
 
 
@@ -219,6 +212,23 @@ def _plot_histograms(runs: Sequence[_Run], path: Path) -> Path:
     return _save(fig, path)
 
 
+#: Layer kinds whose guaranteed bound is the exact spectral norm (SVD in float64, inflated by a
+#: relative 1e-9): nothing to estimate there.
+EXACT_KINDS = ("linear",)
+
+
+def layer_comparison(row: Any) -> tuple[float | None, str]:
+    """The number shown beside a layer's guaranteed bound and what it is: the exact spectral
+    norm where the bound is exact (dense layers; their power-iteration vector may never be
+    updated, e.g. the last ``nn.Linear`` under the pairwise bound), else the power-iteration
+    estimate (a lower estimate), else nothing."""
+    if row.kind in EXACT_KINDS:
+        return row.bound, "exact"
+    if row.estimate is not None and row.estimate > 0:
+        return row.estimate, "power-iteration estimate"
+    return None, ""
+
+
 def _plot_layers(run: _Run, path: Path) -> Path:
     import numpy as np
 
@@ -227,9 +237,16 @@ def _plot_layers(run: _Run, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(rows) + 2), 4.2))
     pos = np.arange(len(rows))
     bounds = [r.bound if r.bound > 0 else np.nan for r in rows]
-    est = [r.estimate if r.estimate is not None and r.estimate > 0 else np.nan for r in rows]
+    shown = [layer_comparison(r)[0] for r in rows]
+    est = [np.nan if v is None else v for v in shown]
     ax.bar(pos - 0.2, bounds, width=0.4, label="guaranteed upper bound", color="tab:blue")
-    ax.bar(pos + 0.2, est, width=0.4, label="power-iteration estimate", color="tab:orange")
+    ax.bar(
+        pos + 0.2,
+        est,
+        width=0.4,
+        label="power-iteration estimate (exact for dense layers)",
+        color="tab:orange",
+    )
     ax.set_yscale("log")
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xticks(pos)
@@ -380,14 +397,14 @@ def write_report(
     if isinstance(analyze_n, bool) or not isinstance(analyze_n, int) or analyze_n < 0:
         raise InputError(f"analyze_n must be a non-negative integer, got {analyze_n!r}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out / "report.md", what="report folder")
     t0 = time.perf_counter()
 
     def say(msg: str) -> None:
         if progress:
             print(f"[report {time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    loaded = _load_runs(runs, labels)
+    loaded = _load_runs(runs, labels)  # runs and data before the folder: a failure leaves nothing
     data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for run in loaded:
         key = dataset_info(run.cfg.dataset)["name"]
@@ -399,6 +416,7 @@ def write_report(
         run.radii_eps = [float(r) for r in dataset_info(key)["radii"]]
         say(f"certifying {run.label} on {run.x.shape[0]} points")
         run.report = evaluate(run.model, run.bound, batches(run.x, run.y, 500), run.radii_eps)
+    out.mkdir(parents=True, exist_ok=True)
 
     md: list[str] = [
         "# Certification report",
@@ -481,7 +499,8 @@ def write_report(
         "",
         "Each layer's guaranteed upper bound (used for certification) beside the "
         "power-iteration estimate of its spectral norm (a lower estimate: the gap shows how "
-        "loose the guaranteed bound is), log scale.",
+        "loose the guaranteed bound is), log scale. For dense layers (`nn.Linear`) the "
+        "guaranteed bound is the exact spectral norm, shown in both bars.",
         "",
     ]
     for run in loaded:
@@ -545,7 +564,6 @@ def write_report(
         md += [*_table([*header, "median D"], rows), ""]
 
     md.append(f"Report written in {time.perf_counter() - t0:.1f} s.")
-    path = out / "report.md"
-    path.write_text("\n".join(md) + "\n")
+    path = write_text_atomic(out / "report.md", "\n".join(md) + "\n")
     say(f"wrote {path}")
     return path

@@ -9,9 +9,9 @@ vectors are broadcast from rank 0 after every step so they stay identical, only 
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,65 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import __version__, models
+from . import runs
 from .bounds import LipschitzBound
 from .certify import batches, evaluate
-from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import dataset_info, load_dataset
-from .errors import CheckpointError
+from .data import load_dataset
 from .losses import CSchedule, lmt_loss, parseval_retraction, spectral_norm_penalty
-
-
-def build_model(cfg: TrainConfig) -> tuple[nn.Module, tuple[int, ...]]:
-    """The configured model and its input shape (C, H, W), sized for the dataset."""
-    info = dataset_info(cfg.dataset)
-    kwargs = dict(cfg.model_kwargs)
-    if ":" in cfg.model:  # a user's path/to/file.py:factory
-        return models.build(cfg.model, **kwargs), tuple(info["shape"])
-    kwargs.setdefault("in_channels", info["shape"][0])
-    kwargs.setdefault("input_size", info["shape"][1])
-    kwargs.setdefault("num_classes", info["num_classes"])
-    return models.build(cfg.model, **kwargs), tuple(info["shape"])
-
-
-def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    wd = cfg.weight_decay
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=wd)
-    nesterov = cfg.optimizer == "nesterov"
-    return torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, weight_decay=wd
-    )
+from .runs import build_model, load_run  # noqa: F401  (their home is runs.py; kept importable)
 
 
 def _lr_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * cfg.lr_gamma ** sum(1 for m in cfg.lr_milestones if epoch >= m)
-
-
-def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state as flat tensors (safetensors) plus JSON-able scalars: nothing pickled."""
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"optim.{pid}.{k}"] = v
-            else:
-                scalars[f"{pid}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    for key, v in meta.get("scalars", {}).items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def _distributed() -> tuple[int, int]:
@@ -92,56 +44,30 @@ def _distributed() -> tuple[int, int]:
     return rank, world
 
 
-def save_run_checkpoint(
-    path: Path,
-    model: nn.Module,
-    bound: LipschitzBound,
-    opt: torch.optim.Optimizer | None,
-    meta: dict[str, Any],
-) -> None:
-    """Model weights, power-iteration vectors and optimizer state in one safetensors file."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"bound.{k}": v for k, v in bound.state_dict().items()})
-    if opt is not None:
-        opt_tensors, opt_meta = _optimizer_state(opt)
-        tensors.update(opt_tensors)
-        meta = {**meta, "optimizer": opt_meta}
-    save_checkpoint(path, tensors, meta)
-
-
-def load_run(
-    path: str | Path, *, device: str = "cpu"
-) -> tuple[nn.Module, LipschitzBound, TrainConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """Rebuild a model trained by lipmargin from a run folder or checkpoint file."""
-    from .config import config_from_dict
-
-    tensors, meta = load_checkpoint(path)
-    if "config" not in meta:
-        raise CheckpointError(f"{path}: no training config in the checkpoint's sidecar")
-    cfg = config_from_dict(meta["config"])
-    model, shape = build_model(cfg)
-    sub = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(sub)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match model {cfg.model!r}: {exc}") from exc
-    model.to(device).eval()
-    bound = LipschitzBound(model, shape, power_steps=cfg.power_steps)
-    bound.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("bound.")})
-    return model, bound, cfg, tensors, meta
-
-
 def train(
     cfg: TrainConfig,
     run_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     data_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train per ``cfg`` into ``run_dir``; returns the last epoch's log record."""
+    """Train per ``cfg`` into ``run_dir``; returns the last epoch's log record.
+
+    ``run_dir`` is used as :func:`lipmargin.runs.plan_run` decides: an existing run is refused
+    unless ``resume`` (continue from its checkpoint; only ``runs.RESUMABLE_KEYS`` may differ
+    from the checkpoint's config) or ``overwrite`` (the old folder is renamed aside). Nothing is
+    written before the data, the model and the checkpoint to resume have loaded. ``progress``
+    prints one line per epoch and shows progress bars (only when stderr is a terminal).
+    """
     rank, world = _distributed()
-    run_dir = Path(run_dir)
+    plan = runs.plan_run(run_dir, cfg, resume=resume, overwrite=overwrite)
+    cfg, run_dir = plan.cfg, plan.run_dir
+    if plan.nothing_to_do:
+        if rank == 0:
+            print(runs.describe_plan(plan), flush=True)
+        return dict(plan.meta.get("metrics", {}))
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
 
@@ -156,31 +82,25 @@ def train(
     model, shape = build_model(cfg)
     model.to(device)
     bound = LipschitzBound(model, shape, power_steps=cfg.power_steps).to(device)
-    opt = _optimizer(cfg, model)
+    opt = runs.make_optimizer(cfg, model)
     schedule = CSchedule(cfg.c, cfg.c0, cfg.c_warmup_epochs, steps_per_epoch)
-    start_epoch, step = 0, 0
-    ckpt = run_dir / "last.safetensors"
-    if resume and ckpt.exists():
-        model_r, bound_r, _, tensors, meta = load_run(ckpt, device=cfg.device)
+    start_epoch, step = plan.start_epoch, plan.step
+    if plan.resume:
+        model_r, bound_r, _, tensors, meta = load_run(run_dir / runs.CHECKPOINT_NAME)
         model.load_state_dict(model_r.state_dict())
         bound.load_state_dict(bound_r.state_dict())
-        _restore_optimizer(opt, tensors, meta["optimizer"])
-        start_epoch, step = int(meta["epoch"]), int(meta["step"])
-    elif resume and rank == 0:
-        print(f"no checkpoint in {run_dir}; starting from scratch")
+        runs.restore_optimizer(opt, tensors, meta)
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model)
+        dist.barrier()  # every rank has checked the folder before rank 0 changes it
 
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        log_path = run_dir / "log.jsonl"
-        kept = []
-        if log_path.exists() and resume:
-            kept = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in kept if json.loads(ln)["epoch"] <= start_epoch]
-        log_path.write_text("".join(ln + "\n" for ln in kept))
+        runs.start_run(plan)
+        message = runs.describe_plan(plan)
+        if message:
+            print(message, flush=True)
+    bars = progress and rank == 0 and sys.stderr.isatty()
 
     record: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -198,7 +118,7 @@ def train(
         bar = tqdm(
             range(steps_per_epoch),
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not progress or rank != 0,
+            disable=not bars,
             leave=False,
         )
         for i in bar:
@@ -222,6 +142,11 @@ def train(
             if i % 20 == 0:
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}", c=f"{c:.3g}")
 
+        if world > 1:  # the logged loss and accuracy are those of the whole global batch
+            totals = torch.tensor([total_loss, total_correct, seen], dtype=torch.float64)
+            totals = totals.to(device)
+            dist.all_reduce(totals)
+            total_loss, total_correct, seen = totals.cpu().tolist()
         model.eval()
         report = evaluate(model, bound, batches(x_test, y_test, 500, device), [cfg.eval_eps])
         record = {
@@ -240,18 +165,9 @@ def train(
             "seconds": time.perf_counter() - t0,
         }
         if rank == 0:
-            meta = {
-                "config": cfg.to_dict(),
-                "epoch": epoch + 1,
-                "step": step,
-                "bound": report.lipschitz,
-                "input_shape": list(shape),
-                "metrics": record,
-                "lipmargin": __version__,
-            }
-            save_run_checkpoint(ckpt, model, bound, opt, meta)
-            with open(run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            meta = runs.checkpoint_meta(plan, epoch + 1, step, record, shape)
+            runs.save_run_checkpoint(run_dir / runs.CHECKPOINT_NAME, model, bound, opt, meta, cfg)
+            runs.append_log(run_dir, record)
             if progress:
                 print(
                     f"epoch {epoch + 1:3d}  loss {record['loss']:.4f}  "
@@ -263,7 +179,7 @@ def train(
                 )
     if world > 1:
         dist.barrier()
-    return record
+    return record if rank == 0 else {}
 
 
 def _bound_gap(bound: LipschitzBound) -> dict[str, float]:
