@@ -15,12 +15,11 @@ operator family (see ``rules.py``). The same walk runs in three modes:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import operator
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +30,7 @@ from torch import nn
 
 from ..errors import InputError, UnsupportedOperationError
 from ..layers import LipmarginTracer
-from . import checks, norms, operators
+from . import checks, norms, operators, power
 from .registry import FUNCTION_RULES, METHOD_RULES, find_module_rule
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -74,22 +73,6 @@ class CertifiedBound:
     guaranteed: bool = True
     #: the input shape (without batch) the bound was computed for; ``certify`` refuses others
     input_shape: tuple[int, ...] | None = None
-
-
-@contextlib.contextmanager
-def _reference_kernels() -> Iterator[None]:
-    """Disable oneDNN for the batch-1 maps of the power iteration (2-3x faster there)."""
-    get = getattr(torch._C, "_get_mkldnn_enabled", None)
-    set_ = getattr(torch._C, "_set_mkldnn_enabled", None)
-    if get is None or set_ is None:  # pragma: no cover - other torch builds
-        yield
-        return
-    previous = get()
-    set_(False)
-    try:
-        yield
-    finally:
-        set_(previous)
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -154,6 +137,10 @@ class WalkContext:
     def __init__(self, owner: LipschitzBound, mode: str):
         self.owner = owner
         self.mode = mode
+        #: power-iteration steps per training call, extra estimate steps, conv bound method
+        self.power_steps = owner.power_steps
+        self.estimate_steps = owner.estimate_steps
+        self.conv_method = owner.conv_method
         self.bounds: dict[str, torch.Tensor | None] = {}
         self.rows: list[LayerRow] = []
         self.sigmas: dict[str, torch.Tensor] = {}
@@ -222,88 +209,39 @@ class WalkContext:
         return self.tensor(gamma) / torch.sqrt(var + bn.eps)
 
     # -- linear maps -------------------------------------------------------------------
-    def linear(
-        self,
-        node: torch.fx.Node,
-        kind: str,
-        apply: Callable[[torch.Tensor], torch.Tensor],
-        input_shape: Sequence[int],
-        guaranteed: Callable[[], torch.Tensor],
-        adjoint: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        weight: torch.Tensor | None = None,
-        weight_grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Operator norm of a linear map ``apply`` on inputs of ``input_shape`` (no batch).
-
-        ``train``: the differentiable estimate ``sigma = ||A u||`` with the persistent unit
-        vector ``u`` held constant, then (in training mode) ONE power-iteration step
-        ``u <- A^T A u / ||A^T A u||`` reusing ``A u`` (paper Alg. 1 / Thm. 1), so a step costs
-        one application of ``A`` and one of ``A^T`` (``adjoint``, or autograd without one).
-        Where the rule gives the map's ``weight`` and ``weight_grad(u, g)`` (the gradient of
-        ``<g, A u>`` w.r.t. the weight), ``sigma`` enters the graph as ``<W, d sigma / dW>``:
-        sigma is 1-homogeneous in W, so by Euler's identity this has the right value and the
-        right gradient, at the cost of one elementwise product in backward.
-        ``certify``: ``guaranteed()`` (a float64 upper bound), plus a power-iteration estimate
-        for the report. ``init``: creates the vector.
-        """
-        owner = self.owner
+    def linear(self, node: torch.fx.Node, op: operators.LinearOperator) -> torch.Tensor:
+        """Operator norm of the linear map ``op`` at ``node``, as the mode needs it: ``init``
+        creates the persistent power-iteration vector ``u_<node>``; ``train`` returns the
+        differentiable estimate (``power.training_estimate``, ``power_steps`` steps while the
+        bound is in training mode); ``certify`` returns ``op.guaranteed()`` (a float64 upper
+        bound) and records it with a power-iteration estimate for the report."""
         key = "u_" + node.name
         if self.mode == "init":
-            shape = (1, *input_shape)
-            old = owner._buffers.get(key)
-            if old is None or tuple(old.shape) != shape:
-                # created on the model's device, like the weights it iterates with
-                g = torch.Generator().manual_seed(owner.seed + len(owner._vector_names))
-                u = torch.randn(shape, generator=g)
-                owner.register_buffer(key, (u / u.norm()).to(owner._device()))
-            if key not in owner._vector_names:
-                owner._vector_names.append(key)
+            self.owner._ensure_vector(key, (1, *op.input_shape))
             return self.const(1.0)
-        u = getattr(owner, key)
+        u = getattr(self.owner, key)
         if self.mode == "train":
-            if owner.training and owner.power_steps > 1:
-                # extra steps first, so the estimate below uses the refined vector
-                with torch.no_grad(), _reference_kernels():
-                    for _ in range(owner.power_steps - 1):
-                        uw = u.to(weight.dtype) if weight is not None else u.clone()
-                        self._power_step(u, uw, apply(uw), apply, adjoint)
-            if weight is not None and weight_grad is not None:
-                # oneDNN is slow for batch-1 maps; the reference kernels are 2-3x faster here.
-                with torch.no_grad(), _reference_kernels():
-                    uw = u.to(weight.dtype)
-                    v = apply(uw)
-                    norm_v = v.norm()
-                    grad = weight_grad(uw, v / norm_v.clamp_min(1e-30))
-                    if owner.training:
-                        self._power_step(u, uw, v, apply, adjoint)
-                sigma = (weight * grad).sum()
-            else:
-                v = apply(u.clone())
-                sigma = v.norm()
-                if owner.training:
-                    with torch.no_grad():
-                        self._power_step(u, u, v.detach(), apply, adjoint)
+            sigma = power.training_estimate(
+                op, u, steps=self.power_steps, update=self.owner.training
+            )
             self.sigmas[node.name] = sigma
             return sigma
-        # certify
-        if owner.estimate_steps > 0:
-            _, est = norms.power_iteration(apply, u.to(torch.float64), owner.estimate_steps)
-        else:  # the training-time estimate ||A u|| with the persistent unit vector
-            est = apply(u.to(torch.float64)).norm()
-        if owner.conv_method == "power" and kind.startswith("conv"):
-            bound = est
-        else:
-            bound = guaranteed()
-        self.rows.append(LayerRow(node.name, kind, float(bound), float(est)))
+        est = power.report_estimate(op, u, self.estimate_steps)
+        bound = est if op.estimate_only else op.guaranteed()
+        self.rows.append(LayerRow(node.name, op.kind, float(bound), float(est)))
         return bound
 
-    @staticmethod
-    def _power_step(target: torch.Tensor, u: torch.Tensor, v: torch.Tensor, apply, adjoint) -> None:
-        """``target <- A^T v / ||A^T v||`` in place, with ``v = A u`` (``u`` is ``target`` in the
-        map's dtype); keeps the old vector if that is 0."""
-        w = adjoint(v) if adjoint is not None else norms.transpose_apply(apply, u, v)
-        n = w.norm()
-        target.copy_(torch.where(n > 1e-12, w / n.clamp_min(1e-12), u))
+    def cached(self, node: torch.fx.Node, compute: Callable[[], Any]) -> float:
+        """A constant factor of ``node`` that depends only on shapes and module attributes
+        (e.g. a pooling map's Schur bound), computed once per model state."""
+        cache = self.owner._factor_cache
+        if node.name not in cache:
+            cache[node.name] = float(compute())
+        return cache[node.name]
+
+    def float_output(self, node: torch.fx.Node) -> bool:
+        """Whether ``node``'s output (in the example run) is a floating-point tensor."""
+        return self.owner._float_output[node.name]
 
     def record(self, node: torch.fx.Node, kind: str, factor: torch.Tensor | float) -> None:
         """Add a non-linear-map layer to the per-layer breakdown (certify mode only)."""
@@ -433,7 +371,7 @@ class LipschitzBound(nn.Module):
             n.name: gm.get_submodule(str(n.target)) for n in graph.nodes if n.op == "call_module"
         }
         object.__setattr__(self, "_rules", {})
-        self.__dict__.pop("_factor_cache", None)
+        self._factor_cache: dict[str, float] = {}
         self._find_head()
         self._find_fusions()
         self._find_segments()
@@ -446,6 +384,16 @@ class LipschitzBound(nn.Module):
         graph, structure = self._trace()
         if structure != self._structure:
             self._build(graph, structure)
+
+    def _ensure_vector(self, key: str, shape: tuple[int, ...]) -> None:
+        """The persistent power-iteration vector ``key`` (a buffer, like ``spectral_norm``'s
+        ``_u``), created on the model's device; kept when it exists with this shape."""
+        old = self._buffers.get(key)
+        if old is None or tuple(old.shape) != shape:
+            seed = self.seed + len(self._vector_names)
+            self.register_buffer(key, power.new_vector(shape, seed, self._device()))
+        if key not in self._vector_names:
+            self._vector_names.append(key)
 
     def module_of(self, node_name: str) -> nn.Module:
         node = self._nodes[node_name]
@@ -643,13 +591,10 @@ class LipschitzBound(nn.Module):
             terms.append(operators.Term("conv", coef, w, m.padding, m.dilation, m.groups))
         shape = self._shapes[source.name]
         nsp = len(shape) - 1
-        norm = ctx.linear(
-            node,
-            "residual",
-            operators.apply_sum(terms, nsp),
-            shape,
-            operators.guaranteed_norm(terms, shape),
-        )
+        apply = operators.apply_sum(terms, nsp)
+        bound = operators.guaranteed_norm(terms, shape)
+        op = operators.LinearOperator("residual", shape, apply, bound)
+        norm = ctx.linear(node, op)
         return ctx.L(source) * norm
 
     # -- the walk ----------------------------------------------------------------------
@@ -834,7 +779,7 @@ class LipschitzBound(nn.Module):
         # after the eager forward above: forward pre-hooks (legacy weight_norm) have refreshed
         # the weights the walk reads
         key = (self.conv_method, self._digest())
-        self.__dict__.pop("_factor_cache", None)  # pooling factors of the attributes as they are
+        self._factor_cache.clear()  # pooling factors of the attributes as they are
         with torch.no_grad():
             ctx, (pair, value) = self._walk("certify", pairwise=True)
         if self._head is None:

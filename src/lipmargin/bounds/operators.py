@@ -34,6 +34,28 @@ def _as_float64(term: Term) -> Term:
 
 
 @dataclass
+class LinearOperator:
+    """A linear map ``A`` on inputs of ``input_shape`` (no batch dimension), as a rule hands it
+    to the walk (``WalkContext.linear``).
+
+    ``apply`` (and ``adjoint``, or autograd when None) act on batches; ``guaranteed()`` returns a
+    GUARANTEED upper bound of ``||A||`` (float64, certify mode); ``weight`` and
+    ``weight_grad(u, g)`` (the gradient of ``<g, A u>`` w.r.t. the weight) let the training
+    estimate enter the graph by Euler's identity. ``estimate_only``: the comparison method
+    ``conv_method="power"``, whose "bound" is the power-iteration estimate.
+    """
+
+    kind: str
+    input_shape: tuple[int, ...]
+    apply: Callable[[torch.Tensor], torch.Tensor]
+    guaranteed: Callable[[], torch.Tensor]
+    adjoint: Callable[[torch.Tensor], torch.Tensor] | None = None
+    weight: torch.Tensor | None = None
+    weight_grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    estimate_only: bool = False
+
+
+@dataclass
 class Term:
     """One summand: ``coef * A x`` with ``A`` a convolution, a dense map or the identity.
 

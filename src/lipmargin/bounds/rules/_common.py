@@ -65,10 +65,8 @@ def _scaled(factor: float, kind: str):
 
 
 def _cached(ctx: WalkContext, node: Node, compute) -> float:
-    cache = ctx.owner.__dict__.setdefault("_factor_cache", {})
-    if node.name not in cache:
-        cache[node.name] = float(compute())
-    return cache[node.name]
+    """A shape-only constant of ``node``, computed once per model state (``ctx.cached``)."""
+    return ctx.cached(node, compute)
 
 
 identity = _scaled(1.0, "identity")

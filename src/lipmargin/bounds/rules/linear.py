@@ -13,6 +13,7 @@ from torch.fx import Node
 
 from ...errors import UnsupportedOperationError
 from .. import norms
+from ..operators import LinearOperator
 from ..registry import register_function, register_module
 from ._common import _args, _first
 
@@ -50,7 +51,7 @@ def _conv_norm(
         closed = norms.conv_closed_form_bound(
             weight, params["stride"], params["dilation"], params["groups"]
         )
-        if ctx.owner.conv_method == "closed_form":
+        if ctx.conv_method == "closed_form":
             return closed
         fft = norms.conv_fft_bound(weight, input_shape[1:], **params)
         return torch.minimum(fft, closed)
@@ -71,7 +72,17 @@ def _conv_norm(
                 params["groups"],
             )
 
-    return ctx.linear(key_node, kind, apply, input_shape, guaranteed, adjoint, weight, weight_grad)
+    op = LinearOperator(
+        kind,
+        tuple(input_shape),
+        apply,
+        guaranteed,
+        adjoint,
+        weight,
+        weight_grad,
+        estimate_only=ctx.conv_method == "power",
+    )
+    return ctx.linear(key_node, op)
 
 
 _CONV_WEIGHT_GRAD = {
@@ -158,16 +169,16 @@ def linear(ctx: WalkContext, node: Node) -> torch.Tensor:
     """Dense layer: spectral norm (exact float64 SVD when certifying; power iteration while
     training). Applied to the last axis of any leading shape, its norm is the same."""
     w = ctx.tensor(ctx.module(node).weight)
-    return _first(ctx, node) * ctx.linear(
-        node,
+    op = LinearOperator(
         "linear",
-        lambda u: F.linear(u, w),
         ctx.in_shape(node),
+        lambda u: F.linear(u, w),
         lambda: norms.spectral_norm_exact(w),
         lambda v: v @ w,
         w,
         _linear_weight_grad,
     )
+    return _first(ctx, node) * ctx.linear(node, op)
 
 
 def _linear_weight_grad(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -181,13 +192,11 @@ def linear_function(ctx: WalkContext, node: Node) -> torch.Tensor:
     if ctx.L(a["weight"]) is not None:
         raise UnsupportedOperationError(f"node {node.name!r}: weight depends on the input")
     w = ctx.tensor(ctx.value(a["weight"]))
-    return ctx.L(a["input"]) * ctx.linear(
-        node,
-        "linear",
-        lambda u: F.linear(u, w),
-        ctx.shape(a["input"]),
-        lambda: norms.spectral_norm_exact(w),
+    shape = ctx.shape(a["input"])
+    op = LinearOperator(
+        "linear", shape, lambda u: F.linear(u, w), lambda: norms.spectral_norm_exact(w)
     )
+    return ctx.L(a["input"]) * ctx.linear(node, op)
 
 
 @register_function(F.conv1d, F.conv2d, F.conv3d)
@@ -236,12 +245,14 @@ def _conv_transpose(
 
     def guaranteed() -> torch.Tensor:
         closed = norms.conv_closed_form_bound(weight, stride, dilation, groups)
-        if ctx.owner.conv_method == "closed_form":
+        if ctx.conv_method == "closed_form":
             return closed
         fft = norms.conv_fft_bound(weight, out_shape[1:], stride, padding, dilation, groups)
         return torch.minimum(fft, closed)
 
-    return ctx.linear(node, f"conv_transpose{nsp}d", apply, in_shape, guaranteed)
+    kind = f"conv_transpose{nsp}d"
+    op = LinearOperator(kind, in_shape, apply, guaranteed, estimate_only=ctx.conv_method == "power")
+    return ctx.linear(node, op)
 
 
 @register_module(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

@@ -115,7 +115,7 @@ def getitem(ctx: WalkContext, node: Node) -> torch.Tensor:
         and ctx.shape(src)
         and isinstance(ctx.shape(src)[0], tuple)
     ):
-        if not ctx.owner._float_output[node.name]:
+        if not ctx.float_output(node):
             raise UnsupportedOperationError(
                 f"node {node.name!r} selects a non-floating output of {src.name!r} (e.g. pooling "
                 "indices): not Lipschitz in the input"
