@@ -478,3 +478,41 @@ def test_pooling_attribute_changed_after_certification_is_seen() -> None:
     model[1].stride = 1  # overlapping windows now: a larger constant, and a new output shape
     model[3] = nn.Linear(2 * 5 * 5, 2).double()
     assert bound.certified().value >= jacobian_norm(model, (1, 6, 6))
+
+
+# -- refusals a user can act on ----------------------------------------------------------------
+class _Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).softmax(1)  # the refused line
+
+
+class _Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer3 = nn.Sequential(nn.Identity(), _Inner())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer3(x).flatten(1)
+
+
+def test_refusal_names_module_path_and_source_line() -> None:
+    with pytest.raises(UnsupportedOperationError) as info:
+        LipschitzBound(_Outer(), (2, 4, 4))
+    message = str(info.value)
+    assert "'layer3.1'" in message
+    assert "test_soundness.py" in message and "the refused line" in message
+
+
+def test_shape_arithmetic_trace_failure_is_named_as_such() -> None:
+    class Ratio(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.view(x.size(0), int(x.size(1) * 0.5), -1).flatten(1)
+
+    with pytest.raises(UnsupportedOperationError) as info:
+        LipschitzBound(Ratio(), (2, 4))
+    assert "Python number" in str(info.value)
+    assert "control flow" not in str(info.value)

@@ -18,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import operator
+import re
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -107,6 +109,45 @@ def _reads_shape(node: torch.fx.Node) -> bool:
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in ("shape", "ndim", "device", "dtype", "is_cuda")
     return False
+
+
+_INTERNAL_PATHS = (Path(torch.__file__).resolve().parent, Path(__file__).resolve().parents[1])
+
+
+def _user_frame(stack_trace: str | None) -> str | None:
+    """``file:line: code`` of the innermost frame of a recorded stack trace that lies outside
+    torch and lipmargin (the user's own model code)."""
+    if not stack_trace:
+        return None
+    found = None
+    lines = stack_trace.splitlines()
+    for i, text in enumerate(lines):
+        m = re.match(r'\s*File "(.+)", line (\d+), in (.+)', text)
+        if not m:
+            continue
+        path = Path(m.group(1))
+        if any(path.is_relative_to(p) for p in _INTERNAL_PATHS if path.is_absolute()):
+            continue
+        code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        found = f"{path.name}:{m.group(2)}: {code}"
+    return found
+
+
+def _trace_failure(exc: Exception) -> str:
+    """A refusal message for a failed trace that says what the model did."""
+    text = str(exc)
+    if "Proxy" in text and isinstance(exc, TypeError):
+        return (
+            f"could not trace the model with torch.fx ({text}): forward converts a traced size "
+            "or value to a Python number (e.g. int(x.size(1) * ratio)). Compute such sizes in "
+            "__init__, or with integer arithmetic on sizes (x.size(1) // 2)."
+        )
+    if "control flow" in text:
+        return (
+            f"could not trace the model with torch.fx ({text}): forward branches on tensor "
+            "values (data-dependent Python control flow), which no static bound can cover."
+        )
+    return f"could not trace the model with torch.fx: {type(exc).__name__}: {text}"
 
 
 def _call_arg(node: torch.fx.Node, index: int, name: str) -> Any:
@@ -343,10 +384,7 @@ class LipschitzBound(nn.Module):
             try:
                 graph = LipmarginTracer().trace(self.model)
             except Exception as exc:  # torch.fx raises many types
-                raise UnsupportedOperationError(
-                    f"could not trace the model with torch.fx: {exc}. The bound needs a model "
-                    "without data-dependent Python control flow."
-                ) from exc
+                raise UnsupportedOperationError(_trace_failure(exc)) from exc
         modules = tuple(
             (name, id(m), type(m), tuple(map(id, m._forward_hooks.values())))
             + tuple(map(id, m._forward_pre_hooks.values()))
@@ -622,10 +660,17 @@ class LipschitzBound(nn.Module):
             if node.name in self._segments:
                 ctx.bounds[node.name] = self._segment_bound(ctx, node)
                 continue
-            rule = self._rules.get(node.name)
-            if rule is None:
-                rule = self._rules[node.name] = self._rule_for(node)
-            ctx.bounds[node.name] = rule(ctx, node)
+            try:
+                rule = self._rules.get(node.name)
+                if rule is None:
+                    rule = self._rules[node.name] = self._rule_for(node)
+                ctx.bounds[node.name] = rule(ctx, node)
+            except UnsupportedOperationError as exc:
+                if getattr(exc, "located", False):
+                    raise
+                located = UnsupportedOperationError(f"{exc} [{self._where(node)}]")
+                located.located = True
+                raise located from exc
         return ctx, result
 
     def _constant_value(self, ctx: WalkContext, node: torch.fx.Node) -> Any:
@@ -673,6 +718,29 @@ class LipschitzBound(nn.Module):
                 "register_function / register_method; see README 'Supported operations'."
             )
         return rule
+
+    def _where(self, node: torch.fx.Node) -> str:
+        """Where a node comes from, for refusals: its module path (``layer3.1.conv2``) and the
+        line of the user's source that created it (from a second trace that records stack
+        traces; tracing does not record them otherwise, to stay cheap)."""
+        if node.op == "call_module":
+            module = str(node.target)
+        else:
+            stack = node.meta.get("nn_module_stack") or {}
+            module = next(reversed(stack.values()))[0] if stack else ""
+        parts = [f"in module {module!r}" if module else "in the top-level forward"]
+        try:
+            tracer = LipmarginTracer()
+            tracer.record_stack_traces = True
+            with checks.eval_mode(self.model):
+                graph = tracer.trace(self.model)
+            traced = next((n for n in graph.nodes if n.name == node.name), None)
+            line = _user_frame(traced.stack_trace if traced is not None else None)
+        except Exception:  # noqa: BLE001 - a location is a nicety; never mask the refusal
+            line = None
+        if line:
+            parts.append(line)
+        return ", ".join(parts)
 
     def _writes_in_place(self, node: torch.fx.Node) -> bool:
         """True for an operation that overwrites its first argument."""
