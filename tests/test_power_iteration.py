@@ -83,3 +83,21 @@ def test_power_steps_validated():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(InputError):
             LipschitzBound(model, (1, 2, 2), power_steps=bad)
+
+
+def test_power_every_moves_vectors_only_every_kth_call() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    bound = LipschitzBound(model, (6,), power_every=3).train()
+    snapshots = []
+    for _ in range(4):
+        bound()
+        snapshots.append(bound.u__0.clone())
+    # the first call updates, the next two reuse the vector, the fourth updates again
+    assert not torch.equal(snapshots[0], snapshots[3])
+    assert torch.equal(snapshots[0], snapshots[1]) and torch.equal(snapshots[1], snapshots[2])
+    # sigma still follows the weights on calls without an update
+    before = float(bound(pairwise=False))
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    assert float(bound(pairwise=False)) == pytest.approx(2 * before, rel=1e-5)

@@ -34,6 +34,7 @@ class TrainConfig:
     lmt_form: str = "pairwise"  # "pairwise" (Prop. 2) or "global" (Prop. 1)
     release_factor: bool = True
     power_steps: int = 1  # power-iteration steps per update (paper Alg. 1: 1)
+    power_every: int = 1  # power-iteration update every k training steps (sigma every step)
     # baselines
     weight_decay: float = 0.0
     snr_lambda: float = 0.01
@@ -68,7 +69,15 @@ class TrainConfig:
         if not isinstance(self.release_factor, bool):
             raise ConfigError(f"release_factor must be true or false, got {self.release_factor!r}")
 
-        for key in ("epochs", "batch_size", "eval_n", "adv_steps", "seed", "power_steps"):
+        for key in (
+            "epochs",
+            "batch_size",
+            "eval_n",
+            "adv_steps",
+            "seed",
+            "power_steps",
+            "power_every",
+        ):
             if not is_int(getattr(self, key)):
                 raise ConfigError(f"{key} must be an integer, got {getattr(self, key)!r}")
         for key in (
@@ -135,8 +144,10 @@ class TrainConfig:
             raise ConfigError(bad_device) from exc
         if device.type not in ("cpu", "cuda", "mps"):
             raise ConfigError(bad_device)
-        if min(self.epochs, self.batch_size, self.eval_n, self.power_steps) < 1:
-            raise ConfigError("epochs, batch_size, eval_n and power_steps must be at least 1")
+        if min(self.epochs, self.batch_size, self.eval_n, self.power_steps, self.power_every) < 1:
+            raise ConfigError(
+                "epochs, batch_size, eval_n, power_steps and power_every must be at least 1"
+            )
         if self.train_subset is not None and self.train_subset < 1:
             raise ConfigError("train_subset must be at least 1")
         return self

@@ -56,6 +56,7 @@ RESUMABLE_KEYS = (
     "eval_eps",
     "eval_n",
     "device",
+    "power_every",
 )
 #: Keys of the architecture fingerprint in the safetensors header.
 _ARCH_KEY = "lipmargin.architecture"
@@ -271,7 +272,9 @@ def load_run(
         raise CheckpointError(f"{path}: weights do not match model {cfg.model!r}: {exc}") from exc
     _check_architecture(path, model, cfg, sub, meta)
     model.to(device).eval()
-    bound = LipschitzBound(model, shape, power_steps=cfg.power_steps).to(device)
+    bound = LipschitzBound(
+        model, shape, power_steps=cfg.power_steps, power_every=cfg.power_every
+    ).to(device)
     bound.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("bound.")})
     return model, bound, cfg, tensors, meta
 

@@ -81,7 +81,9 @@ def train(
 
     model, shape = build_model(cfg)
     model.to(device)
-    bound = LipschitzBound(model, shape, power_steps=cfg.power_steps).to(device)
+    bound = LipschitzBound(
+        model, shape, power_steps=cfg.power_steps, power_every=cfg.power_every
+    ).to(device)
     opt = runs.make_optimizer(cfg, model)
     schedule = CSchedule(cfg.c, cfg.c0, cfg.c_warmup_epochs, steps_per_epoch)
     start_epoch, step = plan.start_epoch, plan.step

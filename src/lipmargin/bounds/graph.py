@@ -182,6 +182,9 @@ class WalkContext:
         self.power_steps = owner.power_steps
         self.estimate_steps = owner.estimate_steps
         self.conv_method = owner.conv_method
+        #: whether this training call moves the power-iteration vectors (every
+        #: ``power_every``-th call in training mode; sigma is recomputed on every call)
+        self.update = mode == "train" and owner.training and owner._calls % owner.power_every == 0
         self.bounds: dict[str, torch.Tensor | None] = {}
         self.rows: list[LayerRow] = []
         self.sigmas: dict[str, torch.Tensor] = {}
@@ -262,9 +265,7 @@ class WalkContext:
             return self.const(1.0)
         u = getattr(self.owner, key)
         if self.mode == "train":
-            sigma = power.training_estimate(
-                op, u, steps=self.power_steps, update=self.owner.training
-            )
+            sigma = power.training_estimate(op, u, steps=self.power_steps, update=self.update)
             self.sigmas[node.name] = sigma
             return sigma
         est = power.report_estimate(op, u, self.estimate_steps)
@@ -313,6 +314,9 @@ class LipschitzBound(nn.Module):
         estimate_steps: extra power-iteration steps (float64) for the estimates shown beside
             guaranteed bounds; 0 (default) shows ``||A u||`` with the persistent vector ``u``,
             the value training uses.
+        power_every: move the power-iteration vectors only every ``power_every``-th training
+            call (default 1, paper Alg. 1); the estimate ``||A u||`` is recomputed from the held
+            vectors on every call, so it follows the weights, at a fraction of the cost.
         power_steps: power-iteration steps per linear map per training call (paper Alg. 1: 1).
             Deep nets with wide layers (e.g. 4C3F) need more: with one step the product of
             the per-layer estimates can trail the true bound by tens of percent, and training
@@ -336,6 +340,7 @@ class LipschitzBound(nn.Module):
         conv_method: str = "fft",
         estimate_steps: int = 0,
         power_steps: int = 1,
+        power_every: int = 1,
         seed: int = 0,
     ):
         super().__init__()
@@ -350,6 +355,10 @@ class LipschitzBound(nn.Module):
         if isinstance(power_steps, bool) or not isinstance(power_steps, int) or power_steps < 1:
             raise InputError(f"power_steps must be an integer >= 1, got {power_steps!r}")
         self.power_steps = power_steps
+        if isinstance(power_every, bool) or not isinstance(power_every, int) or power_every < 1:
+            raise InputError(f"power_every must be an integer >= 1, got {power_every!r}")
+        self.power_every = power_every
+        self._calls = 0
         self.seed = int(seed)
         self._vector_names: list[str] = []
         self._batch_var: dict[str, torch.Tensor] = {}
@@ -784,6 +793,8 @@ class LipschitzBound(nn.Module):
         if use_pairwise and not self.has_pairwise:
             raise InputError("pairwise bounds need a network whose last layer is nn.Linear")
         ctx, (first, _) = self._walk("train", pairwise=use_pairwise)
+        if self.training:
+            self._calls += 1
         #: the differentiable per-layer power-iteration sigmas of this call (for baselines)
         self.last_sigmas = ctx.sigmas
         #: the estimate this call returned, detached (training logs compare it with the
