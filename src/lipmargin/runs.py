@@ -250,7 +250,8 @@ def _check_architecture(
 def load_run(
     path: str | Path, *, device: str = "cpu"
 ) -> tuple[nn.Module, LipschitzBound, TrainConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """Rebuild a model trained by lipmargin from a run folder or checkpoint file.
+    """Rebuild a model trained by lipmargin from a run folder, a checkpoint file or
+    ``pretrained:NAME`` (a model shipped with the package, ``lipmargin.pretrained``).
 
     Returns ``(model in eval mode, bound with the trained power-iteration vectors, config,
     all stored tensors, sidecar metadata)``.
@@ -260,6 +261,10 @@ def load_run(
             do not fit, or a sidecar config that builds another architecture than the saved one.
         ConfigError: the stored config is invalid or names an unknown model.
     """
+    if str(path).startswith("pretrained:"):  # a model shipped with the package
+        from . import pretrained
+
+        path = pretrained.path(str(path))
     tensors, meta = load_checkpoint(path)
     if "config" not in meta:
         raise CheckpointError(f"{path}: no training config in the checkpoint's sidecar")
