@@ -516,3 +516,32 @@ def test_shape_arithmetic_trace_failure_is_named_as_such() -> None:
         LipschitzBound(Ratio(), (2, 4))
     assert "Python number" in str(info.value)
     assert "control flow" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        nn.utils.parametrizations.weight_norm,
+        nn.utils.parametrizations.spectral_norm,
+        nn.utils.parametrizations.orthogonal,
+    ],
+)
+def test_parametrized_layers_are_sound_and_followed(wrap) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(wrap(nn.Linear(4, 4)), nn.ReLU(), nn.Linear(4, 3)).double().eval()
+    bound = LipschitzBound(model, (4,))
+    bound.certified()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    assert bound.certified().value >= jacobian_norm(model, (4,))
+
+
+def test_compiled_model_is_certified_through_its_original_module() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    compiled = torch.compile(model, backend="eager")
+    cert = LipschitzBound(compiled, (4,)).certified()
+    assert cert.value == pytest.approx(LipschitzBound(model, (4,)).certified().value)
+    radii = certify(compiled, torch.randn(5, 4), torch.zeros(5, dtype=torch.long), cert)
+    assert radii.shape == (5,)

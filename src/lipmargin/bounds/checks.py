@@ -59,6 +59,13 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = True
 
 
+def traceable(model: nn.Module) -> nn.Module:
+    """The module behind a ``torch.compile``d model (it computes the same function, which
+    :func:`check_trace` verifies against the compiled call); the model itself otherwise."""
+    orig = getattr(model, "_orig_mod", None)
+    return orig if isinstance(orig, nn.Module) else model
+
+
 def _clone(v: Any) -> Any:
     return v.clone() if isinstance(v, torch.Tensor) else v
 
@@ -190,6 +197,7 @@ def check_jacobians(
     ``||J_t - J_i|| <= pairwise[t, i]`` for EVERY class pair and ``||J||_2 <= value`` (exact
     spectral norm of the K x K Gram matrix, float64). Each is a local Lipschitz constant, a
     lower bound of the true one, so a violation proves the bound wrong."""
+    model = traceable(model)
     xs = x.detach().clone().requires_grad_(True)
     with eval_mode(model), torch.enable_grad():
         z = model(xs)
@@ -247,6 +255,7 @@ def check_gradients(
     """
     if points <= 0 or x.shape[0] == 0:
         return
+    model = traceable(model)
     xs = x[:points].detach().clone().requires_grad_(True)
     with eval_mode(model), torch.enable_grad():
         z = model(xs)

@@ -391,7 +391,7 @@ class LipschitzBound(nn.Module):
         graph reads."""
         with checks.eval_mode(self.model):
             try:
-                graph = LipmarginTracer().trace(self.model)
+                graph = LipmarginTracer().trace(checks.traceable(self.model))
             except Exception as exc:  # torch.fx raises many types
                 raise UnsupportedOperationError(_trace_failure(exc)) from exc
         modules = tuple(
@@ -400,7 +400,7 @@ class LipschitzBound(nn.Module):
             for name, m in self.model.named_modules()
         )
         attrs = tuple(
-            id(_getattr_path(self.model, str(n.target))) for n in graph.nodes if n.op == "get_attr"
+            id(_getattr_path(checks.traceable(self.model), str(n.target))) for n in graph.nodes if n.op == "get_attr"
         )
         return graph, (graph.python_code("self").src, modules, attrs)
 
@@ -408,7 +408,7 @@ class LipschitzBound(nn.Module):
         """(Re)build everything derived from the trace; power-iteration vectors of unchanged
         linear maps are kept."""
         # Not a registered submodule: the model's weights stay out of our state_dict.
-        gm = torch.fx.GraphModule(self.model, graph)
+        gm = torch.fx.GraphModule(checks.traceable(self.model), graph)
         object.__setattr__(self, "_graph_module", gm)
         self._structure = structure
         self._cache = None
@@ -742,7 +742,7 @@ class LipschitzBound(nn.Module):
             tracer = LipmarginTracer()
             tracer.record_stack_traces = True
             with checks.eval_mode(self.model):
-                graph = tracer.trace(self.model)
+                graph = tracer.trace(checks.traceable(self.model))
             traced = next((n for n in graph.nodes if n.name == node.name), None)
             line = _user_frame(traced.stack_trace if traced is not None else None)
         except Exception:  # noqa: BLE001 - a location is a nicety; never mask the refusal
