@@ -399,8 +399,9 @@ class LipschitzBound(nn.Module):
             + tuple(map(id, m._forward_pre_hooks.values()))
             for name, m in self.model.named_modules()
         )
+        root = checks.traceable(self.model)
         attrs = tuple(
-            id(_getattr_path(checks.traceable(self.model), str(n.target))) for n in graph.nodes if n.op == "get_attr"
+            id(_getattr_path(root, str(n.target))) for n in graph.nodes if n.op == "get_attr"
         )
         return graph, (graph.python_code("self").src, modules, attrs)
 
