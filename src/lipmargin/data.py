@@ -623,7 +623,6 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-@functools.lru_cache(maxsize=8)
 def _folder_index(
     root: str, split: str
 ) -> tuple[tuple[str, ...], tuple[Path, ...], tuple[int, ...]]:
@@ -670,7 +669,6 @@ def _read_image(path: Path, mode: str | None) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-@functools.lru_cache(maxsize=8)
 def _folder_format(root: str) -> tuple[str, tuple[int, int, int], int]:
     """``(Pillow mode, (C, H, W), classes)`` from the first training image."""
     classes, files, _ = _folder_index(root, "train")
