@@ -177,7 +177,7 @@ def train(
             )
         else:
             source = (train_set[idx] for idx in index_batches)
-        aug_gen = torch.Generator().manual_seed((order_seed + epoch) * 1009 + rank)
+        aug_gen = torch.Generator(device=device).manual_seed((order_seed + epoch) * 1009 + rank)
         net.train()
         bound.train()
         # running sums stay on the device: no host synchronisation per step
