@@ -235,3 +235,12 @@ def test_gpu_check_skips_without_cuda(tmp_path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "no CUDA device, skipped" in proc.stdout
+
+
+def test_batch_size_not_divisible_by_ranks_is_refused(tmp_path, data_dir, monkeypatch) -> None:
+    from lipmargin.errors import DataError
+
+    monkeypatch.setattr(train_module, "_distributed", lambda d: (0, 3, torch.device("cpu")))
+    with pytest.raises(DataError, match="multiple of the number of processes"):
+        train(config_from_dict(BASE), tmp_path / "r", data_dir=data_dir, progress=False)
+    assert not (tmp_path / "r" / "config.json").exists()  # refused before writing anything

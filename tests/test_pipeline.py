@@ -327,3 +327,10 @@ def test_resume_may_change_loader_and_workers_not_augmentation(tmp_path, data_di
     record = train(config_from_dict(more), tmp_path / "r", resume=True, data_dir=data_dir,
                    progress=False)  # fmt: skip
     assert record["epoch"] == 2
+
+
+def test_data_info_reads_an_npz(tmp_path, capsys) -> None:
+    _write_npz(tmp_path / "d.npz", n=12)
+    assert main(["data", "info", f"npz:{tmp_path / 'd.npz'}"]) == 0
+    out = capsys.readouterr().out
+    assert "x (12, 3, 16, 16)" in out and "3 classes" in out
