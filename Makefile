@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= data
 export LIPMARGIN_DATA_DIR ?= $(abspath $(DATA_DIR))
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: setup data demo test lint bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/run_all.py $(if $(wildcard runs/mnist-lmt/last.safetensors),--run runs/mnist-lmt,)
+
+# on a CUDA machine: train tiny on the GPU, certify on GPU and CPU, compare; else "skipped"
+gpu-check: setup
+	PYTHON=$(PY) DATA_DIR=$(DATA_DIR) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -127,7 +127,7 @@ def audit(
             if use_cw:
                 found["cw"] = cw_l2(model, xc, yc, steps=cw_steps, binary_steps=cw_binary_steps)
             for name, res in found.items():
-                hit = res.success & (res.norms.double() <= rc.double().cpu())
+                hit = (res.success & (res.norms.double() <= rc.double())).cpu()
                 for j in torch.nonzero(hit).flatten().tolist():
                     result.broken.append(
                         {
@@ -197,7 +197,10 @@ def tightness(
     batch_size: int = 200,
     seed: int = 0,
 ) -> TightnessResult:
-    """The paper's tightness analysis (Fig. 4) on correctly classified points of ``(x, y)``."""
+    """The paper's tightness analysis (Fig. 4) on correctly classified points of ``(x, y)``.
+
+    Runs on the device of ``x`` (the model's); the random points come from a CPU generator
+    seeded with ``seed``; the per-point results are returned on the CPU."""
     cert = _cert(bound)
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -219,9 +222,10 @@ def tightness(
     b = margin / grads.max()
     c_est = grads.clone()
     for _ in range(local_samples):
-        noise = torch.randn(x.shape, generator=gen)
+        noise = torch.randn(x.shape, generator=gen).to(x.device)
         noise = noise / noise.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
-        scale = (torch.rand(x.shape[0], generator=gen) ** (1.0 / x[0].numel())) * b.float()
+        rand = torch.rand(x.shape[0], generator=gen).to(x.device)
+        scale = (rand ** (1.0 / x[0].numel())) * b.float()
         xn = (x + noise * scale.view(-1, *[1] * (x.dim() - 1))).clamp(0, 1)
         g = torch.cat(
             [
@@ -239,4 +243,4 @@ def tightness(
             for i in range(0, len(x), batch_size)
         ]
     ).double()
-    return TightnessResult(a=a, b=b, c=c, d=d)
+    return TightnessResult(a=a.cpu(), b=b.cpu(), c=c.cpu(), d=d.cpu())

@@ -100,6 +100,22 @@ def _check_outputs(args: argparse.Namespace) -> None:
             check_writable(path, what=f"--{opt} file")
 
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu; for train: "
+        "the config's device, default the same)",
+    )
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    """The device of ``--device`` (default: cuda when available, else cpu), checked usable."""
+    from .runs import resolve_device
+
+    return resolve_device(getattr(args, "device", None) or "auto")
+
+
 def _add_data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir", default=None, help="dataset root (default: $LIPMARGIN_DATA_DIR or ./data)"
@@ -145,6 +161,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainConfig, load_config
     from .train import train
 
+    if args.device:
+        args.set.append(f"device={json.dumps(args.device)}")
+    if args.amp:
+        args.set.append(f"amp={json.dumps(args.amp)}")
     base = None
     if args.resume and not args.config:  # continue with the run's own config
         name = load_config(None, args.set).name
@@ -174,6 +194,13 @@ def _load_for_certify(args: argparse.Namespace):
     from .bounds import LipschitzBound
     from .data import dataset_info
 
+    if getattr(args, "amp", None) not in (None, "none"):
+        raise InputError(
+            f"--amp {args.amp}: certificates cover float32/float64 forward passes only (the "
+            "margin slack covers their rounding, not bf16/fp16); certification runs in float32 "
+            "(a model trained with --amp has float32 weights)"
+        )
+    device = _device(args)
     target = args.target
     if ":" in target and target.split(":")[0].endswith(".py"):
         if not args.weights:
@@ -181,9 +208,9 @@ def _load_for_certify(args: argparse.Namespace):
         if not args.dataset:
             raise InputError("--dataset is required for a user model")
         shape = tuple(dataset_info(args.dataset)["shape"])
-        model = runs.load_user_model(target, args.weights)
+        model = runs.load_user_model(target, args.weights).to(device)
         return model, LipschitzBound(model, shape), args.dataset
-    model, bound, cfg, _, _ = runs.load_run(target)
+    model, bound, cfg, _, _ = runs.load_run(target, device=device)
     return model, bound, args.dataset or cfg.dataset
 
 
@@ -205,7 +232,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     cert = bound.certified()
     total = (x.shape[0] + args.batch_size - 1) // args.batch_size
     it = tqdm(
-        batches(x, y, args.batch_size),
+        batches(x, y, args.batch_size, _device(args)),
         total=total,
         desc="certify",
         leave=False,
@@ -250,7 +277,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     x, y = _points(args, dataset)
     total = (x.shape[0] + args.batch_size - 1) // args.batch_size
     it = tqdm(
-        batches(x, y, args.batch_size),
+        batches(x, y, args.batch_size, _device(args)),
         total=total,
         desc="audit",
         leave=False,
@@ -292,7 +319,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     _check_outputs(args)
     model, bound, dataset = _load_for_certify(args)
     x, y = _points(args, dataset)
-    res = tightness(model, bound, x, y, seed=args.seed)
+    device = _device(args)
+    res = tightness(model, bound, x.to(device), y.to(device), seed=args.seed)
     ratios = res.ratios()
     med = res.medians()
     print(f"tightness analysis (paper Fig. 4) on {ratios['points']} certified test points")
@@ -320,6 +348,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         analyze_n=args.analyze_n,
         labels=args.labels,
         progress=not args.quiet,
+        device=_device(args),
     )
     print(f"wrote {path}")
     return 0
@@ -340,7 +369,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"train_subset={args.train_subset}",
         "eval_n=1000",
     ]
+    if args.device:
+        overrides.append(f"device={json.dumps(args.device)}")
     cfg = load_config(None, overrides)
+    device = _device(args)
     run_dir = Path(args.out)
     # a second `make demo` continues the finished run (nothing to train) instead of refusing
     resume = runs.has_checkpoint(run_dir) and not args.overwrite
@@ -352,9 +384,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         progress=not args.quiet,
     )
-    model, bound, _, _, _ = runs.load_run(run_dir)
+    model, bound, _, _, _ = runs.load_run(run_dir, device=device)
     x, y = load_dataset("mnist", "test", args.data_dir)
-    report = evaluate(model, bound, batches(x, y, 1000), [0.5, 1.0, 1.58, 2.0])
+    report = evaluate(model, bound, batches(x, y, 1000, device), [0.5, 1.0, 1.58, 2.0])
     print(certified_table(report, "mnist (full test set)"))
     return 0
 
@@ -374,6 +406,12 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="dataset (default: the run's; required for a user model)")
     p.add_argument("--weights", help="weights for a file.py:factory model")
     p.add_argument("--split", default="test", help="dataset split")
+    _add_device(p)
+    p.add_argument(
+        "--amp",
+        choices=("none", "bf16", "fp16"),
+        help="refused for bf16/fp16: certification runs in float32/float64",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,6 +468,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="start again in a folder that holds a run; the old folder is kept, renamed "
         "<folder>.old-<UTC time>",
     )
+    _add_device(p_train)
+    p_train.add_argument(
+        "--amp",
+        choices=("none", "bf16", "fp16"),
+        help="mixed precision: the forward pass under torch.autocast in bf16 or fp16 (with a "
+        "gradient scaler), the Lipschitz bound in float32 (same as --set amp=...; default: "
+        "the config's, none)",
+    )
     _add_data_dir(p_train)
     p_train.set_defaults(func=cmd_train)
 
@@ -484,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--analyze-n", type=_non_negative_int, default=200, help="tightness points (0: skip)"
     )
     p_rep.add_argument("--labels", nargs="+", help="one label per run (default: config names)")
+    _add_device(p_rep)
     _add_data_dir(p_rep)
     p_rep.set_defaults(func=cmd_report)
 
@@ -498,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train again even if the run folder holds a run (the old one is kept aside)",
     )
+    _add_device(p_demo)
     _add_data_dir(p_demo)
     p_demo.set_defaults(func=cmd_demo)
     return parser

@@ -14,6 +14,9 @@ import torch
 
 from .errors import ConfigError
 
+AUGMENTATIONS = ("none", "shift", "crop", "crop-flip")  # data.AUGMENTATIONS
+LOADERS = ("auto", "memory", "dataloader")
+AMP_MODES = ("none", "bf16", "fp16")
 METHODS = ("lmt", "plain", "weight_decay", "snr", "parseval", "adversarial")
 OPTIMIZERS = ("adam", "sgd", "nesterov")
 
@@ -54,7 +57,13 @@ class TrainConfig:
     eval_eps: float = 1.58
     eval_n: int = 1000
     seed: int = 0
-    device: str = "cpu"
+    # where and how: "auto" is cuda when available, else cpu (under torchrun: cuda:LOCAL_RANK)
+    device: str = "auto"
+    augment: str = "none"  # "none", "shift" (MNIST-like), "crop", "crop-flip" (CIFAR/SVHN-like)
+    loader: str = "auto"  # "memory", "dataloader"; auto: memory on CPU, DataLoader on a GPU
+    num_workers: int = 0  # DataLoader worker processes
+    amp: str = "none"  # "bf16" or "fp16": the forward pass under torch.autocast, bound float32
+    sync_batchnorm: bool = False  # DDP: BatchNorm statistics over all ranks (SyncBatchNorm)
 
     def validate(self) -> TrainConfig:
         def is_int(v: Any) -> bool:
@@ -63,11 +72,23 @@ class TrainConfig:
         def is_num(v: Any) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        for key in ("name", "dataset", "model", "method", "optimizer", "lmt_form", "device"):
+        for key in (
+            "name",
+            "dataset",
+            "model",
+            "method",
+            "optimizer",
+            "lmt_form",
+            "device",
+            "augment",
+            "loader",
+            "amp",
+        ):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 raise ConfigError(f"{key} must be a non-empty string, got {getattr(self, key)!r}")
-        if not isinstance(self.release_factor, bool):
-            raise ConfigError(f"release_factor must be true or false, got {self.release_factor!r}")
+        for key in ("release_factor", "sync_batchnorm"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
 
         for key in (
             "epochs",
@@ -77,6 +98,7 @@ class TrainConfig:
             "seed",
             "power_steps",
             "power_every",
+            "num_workers",
         ):
             if not is_int(getattr(self, key)):
                 raise ConfigError(f"{key} must be an integer, got {getattr(self, key)!r}")
@@ -137,13 +159,16 @@ class TrainConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if self.c0 is not None and self.c0 < 0:
             raise ConfigError(f"c0 must be non-negative, got {self.c0!r}")
-        bad_device = f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}"
-        try:
-            device = torch.device(self.device)
-        except (RuntimeError, ValueError) as exc:
-            raise ConfigError(bad_device) from exc
-        if device.type not in ("cpu", "cuda", "mps"):
-            raise ConfigError(bad_device)
+        check_device_name(self.device)
+        for key, allowed in (
+            ("augment", AUGMENTATIONS),
+            ("loader", LOADERS),
+            ("amp", AMP_MODES),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers!r}")
         if min(self.epochs, self.batch_size, self.eval_n, self.power_steps, self.power_every) < 1:
             raise ConfigError(
                 "epochs, batch_size, eval_n, power_steps and power_every must be at least 1"
@@ -154,6 +179,23 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_device_name(device: Any) -> str:
+    """Refuse anything but ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (availability is
+    checked where the device is used: :func:`lipmargin.runs.resolve_device`)."""
+    bad = f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}"
+    if not isinstance(device, str) or not device:
+        raise ConfigError(bad)
+    if device == "auto":
+        return device
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(bad) from exc
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(bad)
+    return device
 
 
 _PYTHON_LITERALS = {"True": True, "False": False, "None": None}

@@ -9,27 +9,55 @@ Every loader returns the whole split in memory as ``(x, y)``: ``x`` a float32 te
 ``(N, C, H, W)`` with values in ``[0, 1]`` and ``y`` an int64 tensor of shape ``(N,)``.
 A missing, truncated or corrupt file raises :class:`lipmargin.errors.DataError` with a message
 that says what was expected where.
+
+Besides the named datasets, two generic sources are read from a path given in the name:
+
+* ``npz:PATH``: a NumPy ``.npz`` with arrays ``x`` (``(N, C, H, W)``, ``(N, H, W)`` or
+  ``(N, H, W, C)`` with C in 1, 3, 4; uint8 pixels or floats in [0, 1]) and ``y`` (integer
+  labels). Per split, ``x_<split>`` / ``y_<split>`` are used when present; a ``{split}`` in PATH
+  is replaced by the split name (``npz:data/{split}.npz``). An optional scalar ``num_classes``
+  fixes the number of classes (else the largest label of the train split + 1).
+* ``folder:ROOT``: an ImageFolder-style tree of PNG / JPEG files, ``ROOT/<split>/<class>/*.png``
+  or, without split folders, ``ROOT/<class>/*.png`` for every split. Classes are the sorted
+  folder names (of the train split); every image must have the size of the first one (no
+  resizing: certificates depend on the input size); greyscale files give one channel, anything
+  else RGB. Read with Pillow, lazily per image by :class:`ImageFolderDataset`.
+
+The training pipeline (:func:`epoch_batches`, :func:`make_loader`, :func:`augment_batch`) turns
+a split into the same sequence of mini-batches whether it is indexed in memory or read by a
+``torch.utils.data.DataLoader`` with worker processes.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib
 import math
 import os
 import pickle
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from lipmargin.errors import DataError
 
 __all__ = [
+    "AUGMENTATIONS",
     "DATASETS",
+    "ImageFolderDataset",
+    "TensorPairDataset",
+    "absolute_dataset_spec",
+    "augment_batch",
+    "epoch_batches",
+    "get_dataset",
+    "make_loader",
     "IDX_FILES",
     "dataset_info",
     "default_data_dir",
@@ -110,6 +138,8 @@ def default_data_dir() -> Path:
 
 
 def _canonical_name(name: str) -> str:
+    if _source(name) is not None:
+        return absolute_dataset_spec(name)
     key = str(name).strip().lower().replace("_", "-")
     aliases = {"fmnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10"}
     key = aliases.get(key, key)
@@ -125,6 +155,8 @@ def dataset_info(name: str) -> dict[str, Any]:
     default L2 certification radii, in the [0, 1] pixel scale) and ``splits``.
     """
     key = _canonical_name(name)
+    if key not in _INFO:
+        return _source_info(key)
     info = _INFO[key]
     return {
         "name": key,
@@ -152,6 +184,8 @@ def load_dataset(
         DataError: unknown name or split, missing, truncated or corrupt files.
     """
     key = _canonical_name(name)
+    if key not in _INFO:
+        return _load_source(key, split)
     splits = _INFO[key]["splits"]
     if split not in splits:
         raise DataError(
@@ -491,3 +525,341 @@ def _load_svhn_split(split: str, directory: Path) -> tuple[np.ndarray, np.ndarra
     _check_labels(labels, 10, str(path))
     # (H, W, C, N) -> (N, C, H, W); a view, made contiguous by the float conversion
     return x.transpose(3, 2, 0, 1), labels
+
+
+# --------------------------------------------------------------------------------------------
+# Generic sources: npz:PATH and folder:ROOT
+# --------------------------------------------------------------------------------------------
+
+_SOURCE_KINDS = ("npz", "folder")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_SOURCE_SPLITS = ("train", "test", "extra")
+
+
+def _source(name: str) -> tuple[str, str] | None:
+    """``(kind, path)`` for ``npz:PATH`` / ``folder:ROOT``, else None."""
+    text = str(name)
+    for kind in _SOURCE_KINDS:
+        if text.startswith(kind + ":"):
+            path = text[len(kind) + 1 :]
+            if not path:
+                raise DataError(f"dataset {text!r}: give a path after '{kind}:'")
+            return kind, path
+    return None
+
+
+def absolute_dataset_spec(name: str) -> str:
+    """``npz:PATH`` / ``folder:ROOT`` with the path made absolute (named datasets unchanged), so
+    a run's config finds its data from another working directory."""
+    src = _source(name)
+    if src is None:
+        return name
+    kind, path = src
+    return f"{kind}:{Path(path).expanduser().resolve()}"
+
+
+def _check_split(key: str, split: str) -> None:
+    if split not in _SOURCE_SPLITS:
+        raise DataError(f"{key}: unknown split {split!r}; use one of {', '.join(_SOURCE_SPLITS)}")
+
+
+def _npz_file(path: str, split: str) -> Path:
+    return Path(path.replace("{split}", split)) if "{split}" in path else Path(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_npz(path: str, mtime: float, split: str) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """``(x NCHW, y int64, num_classes or None)`` of one split of an ``.npz`` (cached by path and
+    modification time)."""
+    del mtime  # part of the cache key only
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = set(z.files)
+            xk, yk = (f"x_{split}", f"y_{split}") if f"x_{split}" in names else ("x", "y")
+            if xk not in names or yk not in names:
+                raise DataError(
+                    f"{path}: expected arrays 'x' and 'y' (or 'x_{split}' and 'y_{split}'), "
+                    f"found {sorted(names)}"
+                )
+            x, y = z[xk], z[yk]
+            k = int(z["num_classes"]) if "num_classes" in names else None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read .npz file ({exc}); corrupt or not an .npz") from exc
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    if x.ndim != 4:
+        raise DataError(f"{path}: '{xk}' must have shape (N, C, H, W), got {x.shape}")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: '{yk}' must be a 1-D array of integer labels")
+    if x.shape[0] != y.shape[0]:
+        raise DataError(f"{path}: {x.shape[0]} images in '{xk}' but {y.shape[0]} labels")
+    if x.dtype != np.uint8:
+        if not np.issubdtype(x.dtype, np.floating):
+            raise DataError(f"{path}: '{xk}' must be uint8 or float, got {x.dtype}")
+        if x.size and (not np.isfinite(x).all() or x.min() < 0 or x.max() > 1):
+            raise DataError(f"{path}: float images in '{xk}' must lie in [0, 1]")
+    if y.size and y.min() < 0:
+        raise DataError(f"{path}: labels must be non-negative")
+    return x, y.astype(np.int64), k
+
+
+def _npz_split(path: str, split: str) -> tuple[np.ndarray, np.ndarray, int | None]:
+    _check_split(f"npz:{path}", split)
+    f = _npz_file(path, split)
+    if not f.is_file():
+        raise DataError(f"dataset file not found: {f} (for npz:{path}, split {split!r})")
+    return _read_npz(str(f), f.stat().st_mtime, split)
+
+
+def _split_root(root: Path, split: str) -> Path:
+    return root / split if (root / split).is_dir() else root
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _folder_index(
+    root: str, split: str
+) -> tuple[tuple[str, ...], tuple[Path, ...], tuple[int, ...]]:
+    """``(classes, files, labels)`` of one split of an ImageFolder-style tree."""
+    _check_split(f"folder:{root}", split)
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"image folder not found: {base}")
+    classes = _class_dirs(_split_root(base, "train"))
+    folder = _split_root(base, split)
+    if folder == base and split != "train" and (base / "train").is_dir():
+        raise DataError(f"image folder {base} has a train/ folder but no {split}/ folder")
+    if not classes:
+        raise DataError(
+            f"image folder {folder}: no class folders (expected {folder}/<class>/*.png)"
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    for name in _class_dirs(folder):
+        if name not in classes:
+            raise DataError(f"{folder / name}: class {name!r} is not among the train classes")
+        for f in sorted((folder / name).iterdir()):
+            if f.suffix.lower() in _IMAGE_SUFFIXES and f.is_file():
+                files.append(f)
+                labels.append(classes.index(name))
+    if not files:
+        raise DataError(f"image folder {folder}: no .png / .jpg / .jpeg files in its class folders")
+    return tuple(classes), tuple(files), tuple(labels)
+
+
+def _read_image(path: Path, mode: str | None) -> np.ndarray:
+    """One image as uint8 ``(C, H, W)``; ``mode`` "L" or "RGB" (None: from the file)."""
+    try:
+        from PIL import Image
+    except ImportError as exc:  # pragma: no cover
+        raise DataError("reading image folders needs Pillow: pip install pillow") from exc
+    try:
+        with Image.open(path) as im:
+            if mode is None:
+                mode = "L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
+            arr = np.asarray(im.convert(mode), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from exc
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _folder_format(root: str) -> tuple[str, tuple[int, int, int], int]:
+    """``(Pillow mode, (C, H, W), classes)`` from the first training image."""
+    classes, files, _ = _folder_index(root, "train")
+    first = _read_image(files[0], None)
+    return ("L" if first.shape[0] == 1 else "RGB"), tuple(first.shape), len(classes)
+
+
+class ImageFolderDataset(Dataset):
+    """One split of ``folder:ROOT``, read lazily: item ``i`` is ``(x float32 (C, H, W) in
+    [0, 1], label)``; a list of indices gives a whole batch ``(x (B, C, H, W), y (B,))``."""
+
+    def __init__(self, root: str | os.PathLike[str], split: str = "train") -> None:
+        self.root = str(Path(root).expanduser().resolve())
+        self.classes, self.files, labels = _folder_index(self.root, split)
+        self.mode, self.shape, _ = _folder_format(self.root)
+        self.labels = torch.tensor(labels, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _image(self, i: int) -> np.ndarray:
+        arr = _read_image(self.files[i], self.mode)
+        if tuple(arr.shape) != self.shape:
+            raise DataError(
+                f"{self.files[i]}: image of shape {tuple(arr.shape)} (C, H, W) but the first "
+                f"image is {self.shape}; resize the images to one size first"
+            )
+        return arr
+
+    def __getitem__(self, index: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(index, (int, np.integer)) or (
+            isinstance(index, torch.Tensor) and index.dim() == 0
+        ):
+            i = int(index)
+            x, y = _to_tensors(self._image(i)[None], self.labels[i : i + 1].numpy())
+            return x[0], y[0]
+        idx = [int(i) for i in index]
+        images = np.stack([self._image(i) for i in idx]) if idx else np.zeros((0, *self.shape))
+        return _to_tensors(images.astype(np.uint8), self.labels[idx].numpy())
+
+
+def _source_info(key: str) -> dict[str, Any]:
+    kind, path = _source(key)  # type: ignore[misc]
+    if kind == "npz":
+        x, y, k = _npz_split(path, "train")
+        shape = tuple(int(d) for d in x.shape[1:])
+        num_classes = k if k is not None else int(y.max()) + 1 if y.size else 0
+    else:
+        _, shape, num_classes = _folder_format(path)
+    if num_classes < 2:
+        raise DataError(f"{key}: at least two classes are needed, found {num_classes}")
+    return {
+        "name": key,
+        "shape": shape,
+        "num_classes": int(num_classes),
+        "radii": list(_MNIST_RADII if shape[0] == 1 else _COLOR_RADII),
+        "splits": _SOURCE_SPLITS,
+    }
+
+
+def _load_source(key: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    kind, path = _source(key)  # type: ignore[misc]
+    if kind == "folder":
+        ds = ImageFolderDataset(path, split)
+        return ds[range(len(ds))]
+    x, y, _ = _npz_split(path, split)
+    k = _source_info(key)["num_classes"]
+    _check_labels(y, k, f"{key} ({split})")
+    if x.dtype == np.uint8:
+        return _to_tensors(x, y)
+    return torch.from_numpy(np.array(x, dtype=np.float32)), torch.from_numpy(y.copy())
+
+
+# --------------------------------------------------------------------------------------------
+# The training pipeline: Dataset objects, index order, DataLoader, augmentation
+# --------------------------------------------------------------------------------------------
+
+#: ``augment`` values: none; "shift": random translations by up to 2 pixels (zero padding,
+#: MNIST-like data); "crop-flip": random 4-pixel-padded crop and horizontal flip (CIFAR-10 /
+#: SVHN-like data; note that flipping digits is questionable: SVHN papers often use crop only).
+AUGMENTATIONS = ("none", "shift", "crop", "crop-flip")
+
+
+class TensorPairDataset(Dataset):
+    """A split held in memory: item ``i`` is ``(x[i], y[i])``; a list or tensor of indices gives
+    the whole batch at once (one gather, no per-item collation)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if x.shape[0] != y.shape[0]:
+            raise DataError(f"{x.shape[0]} images but {y.shape[0]} labels")
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def __getitem__(self, index: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(index, list):
+            index = torch.as_tensor(index, dtype=torch.int64)
+        return self.x[index], self.y[index]
+
+
+def get_dataset(
+    name: str,
+    split: str = "train",
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    lazy: bool = False,
+    subset: int | None = None,
+) -> Dataset:
+    """A split as a ``torch.utils.data.Dataset``: :class:`ImageFolderDataset` for ``folder:``
+    sources when ``lazy`` (files read per item, in DataLoader workers), else
+    :class:`TensorPairDataset` over :func:`load_dataset`. ``subset``: the first N items."""
+    key = _canonical_name(name)
+    src = _source(key)
+    if lazy and src is not None and src[0] == "folder":
+        ds: Dataset = ImageFolderDataset(src[1], split)
+        if subset is not None and subset < len(ds):  # type: ignore[arg-type]
+            ds = torch.utils.data.Subset(ds, range(subset))
+        return ds
+    x, y = load_dataset(key, split, data_dir)
+    if subset is not None:
+        x, y = x[:subset], y[:subset]
+    return TensorPairDataset(x, y)
+
+
+def epoch_batches(
+    n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world: int = 1
+) -> BatchSampler:
+    """The index batches of one epoch for one rank.
+
+    The order is ``torch.distributed.DistributedSampler``'s: ``torch.randperm(n)`` from a
+    generator seeded with ``seed + epoch``, padded to a multiple of ``world``, rank ``r`` taking
+    positions ``r, r + world, ...``, cut into batches of ``batch_size // world``. So batch ``i``
+    of all ranks together is exactly batch ``i`` of one process with ``batch_size``: DDP and a
+    single process train on the same global batches (``batch_size`` must divide by ``world``).
+    """
+    if batch_size % world:
+        raise DataError(
+            f"batch_size {batch_size} must be a multiple of the number of processes ({world})"
+        )
+    sampler = DistributedSampler(
+        range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False
+    )
+    sampler.set_epoch(epoch)
+    return BatchSampler(sampler, batch_size // world, drop_last=False)
+
+
+def make_loader(
+    dataset: Dataset,
+    batches: Iterator[list[int]] | BatchSampler,
+    *,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A ``DataLoader`` that yields ``dataset[batch]`` for each index batch of ``batches``
+    (whole batches fetched at once; ``num_workers`` processes; pinned memory for fast,
+    asynchronous copies to a GPU)."""
+    return DataLoader(
+        dataset,
+        sampler=batches,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+    )
+
+
+def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """Randomly augment a batch ``(N, C, H, W)`` on its own device.
+
+    ``"shift"``: zero-pad by 2 and take a random ``H x W`` crop (translations by up to 2 pixels);
+    ``"crop"``: the same with padding 4; ``"crop-flip"``: padding 4 and a horizontal flip with
+    probability 1/2. The random numbers come from ``generator`` and are drawn on its device
+    (give one on the batch's device: no host-device copy, no synchronisation per step).
+    """
+    if kind == "none":
+        return x
+    if kind not in AUGMENTATIONS:
+        raise DataError(f"augment must be one of {AUGMENTATIONS}, got {kind!r}")
+    if x.dim() != 4:
+        raise DataError(f"augment={kind!r} needs image batches (N, C, H, W), got {tuple(x.shape)}")
+    pad = 2 if kind == "shift" else 4
+    n, _, h, w = x.shape
+    dev = generator.device
+    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=dev)
+    rows = offsets[0][:, None] + torch.arange(h, device=dev)
+    cols = offsets[1][:, None] + torch.arange(w, device=dev)
+    if kind == "crop-flip":
+        flip = torch.rand(n, generator=generator, device=dev) < 0.5
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+    rows, cols = rows.to(x.device), cols.to(x.device)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()

@@ -127,7 +127,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
     return lines
 
 
-def _load_runs(runs: Sequence[str | Path], labels: Sequence[str] | None) -> list[_Run]:
+def _load_runs(
+    runs: Sequence[str | Path], labels: Sequence[str] | None, device: Any = "auto"
+) -> list[_Run]:
     from .runs import load_run, read_log
 
     if labels is not None and len(labels) != len(runs):
@@ -137,7 +139,7 @@ def _load_runs(runs: Sequence[str | Path], labels: Sequence[str] | None) -> list
     for i, path in enumerate(runs):
         path = Path(path)
         folder = path.parent if path.is_file() else path
-        model, bound, cfg, _, meta = load_run(path)
+        model, bound, cfg, _, meta = load_run(path, device=device)
         label = labels[i] if labels is not None else (cfg.name or folder.name)
         if labels is None and label in seen:  # two runs of one config: tell them apart
             label = f"{label} ({folder.name})"
@@ -286,9 +288,10 @@ def _plot_examples(run: _Run, path: Path) -> tuple[Path | None, str]:
     idx = _pick_examples(rep.radii, run.y, EXAMPLE_COUNT)
     if not idx:
         return None, f"{run.label}: no certified point among the {rep.n} evaluated, no figure."
-    x, y = run.x[idx], run.y[idx]
-    eps = rep.radii[idx].to(x.dtype)
-    gen = torch.Generator().manual_seed(0)
+    dev = next(iter(run.model.parameters())).device
+    x, y = run.x[idx].to(dev), run.y[idx].to(dev)
+    eps = rep.radii[idx].to(device=dev, dtype=x.dtype)
+    gen = torch.Generator(device=dev).manual_seed(0)
     res = pgd_l2(
         run.model,
         x,
@@ -312,10 +315,11 @@ def _plot_examples(run: _Run, path: Path) -> tuple[Path | None, str]:
     fig, axes = plt.subplots(
         3, k, figsize=(1.45 * k + 0.6, 6.0), squeeze=False, layout="constrained"
     )
-    delta = (res.x_adv - x).detach()
+    x, x_adv = x.cpu(), res.x_adv.detach().cpu()
+    delta = x_adv - x
     for j in range(k):
         img = x[j].permute(1, 2, 0).clamp(0, 1).numpy()
-        adv = res.x_adv[j].detach().permute(1, 2, 0).clamp(0, 1).numpy()
+        adv = x_adv[j].permute(1, 2, 0).clamp(0, 1).numpy()
         d = delta[j].permute(1, 2, 0).numpy()
         m = float(abs(d).max()) or 1.0
         if img.shape[2] == 1:
@@ -375,13 +379,15 @@ def write_report(
     analyze_n: int = 200,
     labels: Sequence[str] | None = None,
     progress: bool = False,
+    device: Any = "auto",
 ) -> Path:
     """Write ``out_dir/report.md`` and its PNG figures for one or more training runs.
 
     ``runs`` are run folders (or checkpoint files) written by ``lipmargin train``. Certification
     uses the first ``n`` test points of each run's dataset; the tightness analysis (paper
     Fig. 4, slow: C&W attacks) the first ``analyze_n`` (0 skips it). ``labels`` name the runs
-    (default: the config's name). Returns the path of the Markdown file.
+    (default: the config's name). Models are certified on ``device`` (``"auto"``: cuda when
+    available, else cpu). Returns the path of the Markdown file.
     """
     import torch
 
@@ -404,7 +410,11 @@ def write_report(
         if progress:
             print(f"[report {time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    loaded = _load_runs(runs, labels)  # runs and data before the folder: a failure leaves nothing
+    from .runs import resolve_device
+
+    device = resolve_device(device)
+    # runs and data before the folder: a failure leaves nothing
+    loaded = _load_runs(runs, labels, device)
     data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for run in loaded:
         key = dataset_info(run.cfg.dataset)["name"]
@@ -415,7 +425,8 @@ def write_report(
         run.x, run.y = data[key]
         run.radii_eps = [float(r) for r in dataset_info(key)["radii"]]
         say(f"certifying {run.label} on {run.x.shape[0]} points")
-        run.report = evaluate(run.model, run.bound, batches(run.x, run.y, 500), run.radii_eps)
+        points = batches(run.x, run.y, 500, device)
+        run.report = evaluate(run.model, run.bound, points, run.radii_eps)
     out.mkdir(parents=True, exist_ok=True)
 
     md: list[str] = [
@@ -539,7 +550,7 @@ def write_report(
             med: dict[str, float] = {}
             assert run.report is not None
             if bool(run.report.correct[:analyze_n].any()):  # else nothing to analyse
-                res = tightness(run.model, run.bound, x, y)
+                res = tightness(run.model, run.bound, x.to(device), y.to(device))
                 med = res.medians()
                 try:
                     ratios = res.ratios()

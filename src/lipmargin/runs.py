@@ -21,6 +21,7 @@ trained model from a folder or checkpoint; :func:`load_user_model` loads a user'
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -35,9 +36,9 @@ from torch import nn
 from . import __version__, models
 from .bounds import LipschitzBound
 from .checkpoint import CHECKPOINT_KEY, load_checkpoint, load_into, save_checkpoint, sidecar_path
-from .config import TrainConfig, config_from_dict
-from .data import dataset_info
-from .errors import CheckpointError, ConfigError, RunFolderError
+from .config import TrainConfig, check_device_name, config_from_dict
+from .data import absolute_dataset_spec, dataset_info
+from .errors import CheckpointError, ConfigError, InputError, RunFolderError
 from .outputs import check_writable, write_text_atomic
 
 #: The checkpoint file of a run folder.
@@ -45,8 +46,10 @@ CHECKPOINT_NAME = "last.safetensors"
 #: Files whose presence makes a folder an existing run.
 RUN_FILES = (CHECKPOINT_NAME, "last.json", "log.jsonl", "config.json")
 #: Config keys a resumed run may change: the length of training, the learning-rate schedule,
-#: the per-epoch evaluation, the device and the display name. Anything else (model, optimizer,
-#: loss, data) would make the checkpoint and the config describe different trainings.
+#: the per-epoch evaluation, the device, the data pipeline's mechanics (``loader`` and
+#: ``num_workers`` give the same batches) and the display name. Anything else (model, optimizer,
+#: loss, data, augmentation, mixed precision) would make the checkpoint and the config describe
+#: different trainings.
 RESUMABLE_KEYS = (
     "name",
     "epochs",
@@ -57,6 +60,8 @@ RESUMABLE_KEYS = (
     "eval_n",
     "device",
     "power_every",
+    "loader",
+    "num_workers",
 )
 #: Keys of the architecture fingerprint in the safetensors header.
 _ARCH_KEY = "lipmargin.architecture"
@@ -248,13 +253,14 @@ def _check_architecture(
 
 
 def load_run(
-    path: str | Path, *, device: str = "cpu"
+    path: str | Path, *, device: str | torch.device = "auto"
 ) -> tuple[nn.Module, LipschitzBound, TrainConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Rebuild a model trained by lipmargin from a run folder, a checkpoint file or
     ``pretrained:NAME`` (a model shipped with the package, ``lipmargin.pretrained``).
 
     Returns ``(model in eval mode, bound with the trained power-iteration vectors, config,
-    all stored tensors, sidecar metadata)``.
+    all stored tensors, sidecar metadata)``, model and bound on ``device`` (``"auto"``: cuda
+    when available, else cpu; see :func:`resolve_device`).
 
     Raises:
         CheckpointError: missing or corrupt checkpoint, no config in the sidecar, weights that
@@ -265,6 +271,7 @@ def load_run(
         from . import pretrained
 
         path = pretrained.path(str(path))
+    dev = resolve_device(device)
     tensors, meta = load_checkpoint(path)
     if "config" not in meta:
         raise CheckpointError(f"{path}: no training config in the checkpoint's sidecar")
@@ -276,12 +283,36 @@ def load_run(
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: weights do not match model {cfg.model!r}: {exc}") from exc
     _check_architecture(path, model, cfg, sub, meta)
-    model.to(device).eval()
+    model.to(dev).eval()
     bound = LipschitzBound(
         model, shape, power_steps=cfg.power_steps, power_every=cfg.power_every
-    ).to(device)
+    ).to(dev)
     bound.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("bound.")})
+    check_same_device(model, bound)
     return model, bound, cfg, tensors, meta
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (cpu for a model with none)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def check_same_device(model: nn.Module, bound: LipschitzBound) -> None:
+    """Refuse a bound whose power-iteration vectors are on another device than the model (the
+    model was moved after the bound was built): ``bound.to(device)`` fixes it.
+
+    Raises:
+        InputError: naming both devices.
+    """
+    dev = model_device(model)
+    for name, buf in bound.named_buffers():
+        if buf.device != dev:
+            raise InputError(
+                f"the bound's power-iteration vector {name} is on {buf.device} but the model is "
+                f"on {dev}: call bound.to({str(dev)!r}) after moving the model"
+            )
 
 
 def load_checkpoint_config(path: str | Path) -> dict[str, Any]:
@@ -346,8 +377,26 @@ def _existing_run_files(run_dir: Path) -> list[str]:
     return [name for name in RUN_FILES if (run_dir / name).exists()]
 
 
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` (or None): ``cuda`` when this torch build sees a GPU, else ``cpu``; anything
+    else is checked usable by :func:`check_device`.
+
+    Raises:
+        ConfigError: a malformed name, or a device this machine cannot use.
+    """
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device_name(device)
+    check_device(device)
+    return torch.device(device)
+
+
 def check_device(device: str) -> None:
     """Refuse a device this torch build cannot use (``cuda`` on a CPU build)."""
+    if device == "auto":
+        return
     kind = torch.device(device).type
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
@@ -358,6 +407,11 @@ def check_device(device: str) -> None:
         getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     ):
         raise ConfigError(f"device={device!r} but MPS is not available here")
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
 
 
 def plan_run(
@@ -378,7 +432,9 @@ def plan_run(
         CheckpointError: the checkpoint to resume is corrupt.
     """
     run_dir = Path(run_dir)
-    cfg = replace(cfg, model=absolute_user_spec(cfg.model))
+    cfg = replace(
+        cfg, model=absolute_user_spec(cfg.model), dataset=absolute_dataset_spec(cfg.dataset)
+    )
     check_device(cfg.device)
     if resume and overwrite:
         raise RunFolderError("--resume and --overwrite exclude each other: choose one")

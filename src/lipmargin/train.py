@@ -2,14 +2,26 @@
 
 Read top to bottom: set-up, data, model and bound, optimiser, resume, then one loop over
 epochs; each epoch ends with an evaluation on held-out points and an atomic checkpoint.
+
+Device: ``cfg.device`` (``"auto"``: cuda when available). Data: the index batches of an epoch
+come from :func:`lipmargin.data.epoch_batches` (``DistributedSampler`` order); they are read
+from the in-memory split (``loader = "memory"``, the faster on a CPU) or by a ``DataLoader``
+with ``num_workers`` workers and pinned memory (``"dataloader"``, the default on a GPU and for
+image folders); either way the batches are identical. Augmentation (``augment``) runs on the
+device after the copy. Mixed precision (``amp = "bf16" | "fp16"``): only the model's forward
+pass runs under ``torch.autocast``; the logits are cast to float32 and the bound (and every
+certificate) stays float32 / float64; fp16 uses a gradient scaler.
+
 Run with ``torchrun --nproc-per-node N -m lipmargin train ...`` for DistributedDataParallel
-(gloo on CPU, nccl on GPU): every rank takes its slice of each global batch, the power-iteration
-vectors are broadcast from rank 0 after every step so they stay identical, only rank 0 writes.
+(gloo on CPU, nccl on GPU, rank r on ``cuda:LOCAL_RANK``): every rank reads its share of each
+global batch (a ``DistributedSampler``), the power-iteration vectors are broadcast from rank 0
+after every step so they stay identical, the logged loss and accuracy are all-reduced, only
+rank 0 writes. ``sync_batchnorm = true`` computes BatchNorm statistics over all ranks.
 """
 
 from __future__ import annotations
 
-import math
+import copy
 import os
 import sys
 import time
@@ -26,22 +38,54 @@ from . import runs
 from .bounds import LipschitzBound
 from .certify import batches, evaluate
 from .config import TrainConfig
-from .data import load_dataset
+from .data import augment_batch, epoch_batches, get_dataset, load_dataset, make_loader
+from .errors import ConfigError
 from .losses import CSchedule, lmt_loss, parseval_retraction, spectral_norm_penalty
 from .runs import build_model, load_run  # noqa: F401  (their home is runs.py; kept importable)
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _lr_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * cfg.lr_gamma ** sum(1 for m in cfg.lr_milestones if epoch >= m)
 
 
-def _distributed() -> tuple[int, int]:
+def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """``(rank, world size, this rank's device)``. Under torchrun a CUDA run puts rank r on
+    ``cuda:LOCAL_RANK`` (``torch.cuda.set_device``) and uses nccl; a CPU run uses gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK {local} but this machine has {torch.cuda.device_count()} CUDA "
+                "device(s): start at most that many processes per node"
+            )
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, world
+    return rank, world, device
+
+
+def sync_batchnorm_view(model: nn.Module) -> nn.Module:
+    """A copy of the module tree with every BatchNorm replaced by ``nn.SyncBatchNorm``, sharing
+    all parameters and buffers with ``model`` (which is left untouched, so the bound keeps
+    tracing and watching the original modules; training updates the shared tensors)."""
+
+    def shallow(m: nn.Module) -> nn.Module:
+        c = copy.copy(m)
+        c._modules = {k: (None if v is None else shallow(v)) for k, v in m._modules.items()}
+        return c
+
+    return nn.SyncBatchNorm.convert_sync_batchnorm(shallow(model))
+
+
+def _grad_scaler(device: torch.device, enabled: bool) -> Any:
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # pragma: no cover  (torch < 2.3)
 
 
 def train(
@@ -61,23 +105,30 @@ def train(
     written before the data, the model and the checkpoint to resume have loaded. ``progress``
     prints one line per epoch and shows progress bars (only when stderr is a terminal).
     """
-    rank, world = _distributed()
+    rank, world, device = _distributed(runs.resolve_device(cfg.device))
     plan = runs.plan_run(run_dir, cfg, resume=resume, overwrite=overwrite)
     cfg, run_dir = plan.cfg, plan.run_dir
     if plan.nothing_to_do:
         if rank == 0:
             print(runs.describe_plan(plan), flush=True)
         return dict(plan.meta.get("metrics", {}))
+    if cfg.sync_batchnorm and world > 1 and device.type != "cuda":
+        raise ConfigError("sync_batchnorm needs CUDA devices (SyncBatchNorm runs on GPUs only)")
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
+    amp_dtype = _AMP_DTYPES.get(cfg.amp)
 
-    # data: whole splits in memory; the held-out points are the first eval_n test points
-    x_train, y_train = load_dataset(cfg.dataset, "train", data_dir)
-    if cfg.train_subset:
-        x_train, y_train = x_train[: cfg.train_subset], y_train[: cfg.train_subset]
+    # data: a Dataset per split; the held-out points are the first eval_n test points
+    use_loader = cfg.loader == "dataloader" or (
+        cfg.loader == "auto" and (device.type != "cpu" or cfg.dataset.startswith("folder:"))
+    )
+    train_set = get_dataset(
+        cfg.dataset, "train", data_dir, lazy=use_loader, subset=cfg.train_subset
+    )
+    n_train = len(train_set)  # type: ignore[arg-type]
     x_test, y_test = load_dataset(cfg.dataset, "test", data_dir)
     x_test, y_test = x_test[: cfg.eval_n], y_test[: cfg.eval_n]
-    steps_per_epoch = math.ceil(x_train.shape[0] / cfg.batch_size)
+    order_seed = cfg.seed * 100003
+    steps_per_epoch = len(epoch_batches(n_train, cfg.batch_size, seed=0, epoch=0, world=world))
 
     model, shape = build_model(cfg)
     model.to(device)
@@ -85,16 +136,20 @@ def train(
         model, shape, power_steps=cfg.power_steps, power_every=cfg.power_every
     ).to(device)
     opt = runs.make_optimizer(cfg, model)
+    scaler = _grad_scaler(device, enabled=cfg.amp == "fp16")
     schedule = CSchedule(cfg.c, cfg.c0, cfg.c_warmup_epochs, steps_per_epoch)
     start_epoch, step = plan.start_epoch, plan.step
     if plan.resume:
-        model_r, bound_r, _, tensors, meta = load_run(run_dir / runs.CHECKPOINT_NAME)
+        model_r, bound_r, _, tensors, meta = load_run(run_dir / runs.CHECKPOINT_NAME, device="cpu")
         model.load_state_dict(model_r.state_dict())
         bound.load_state_dict(bound_r.state_dict())
         runs.restore_optimizer(opt, tensors, meta)
+    runs.check_same_device(model, bound)
     net: nn.Module = model
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(model)
+        inner = sync_batchnorm_view(model) if cfg.sync_batchnorm else model
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(inner, device_ids=ids)
         dist.barrier()  # every rank has checked the folder before rank 0 changes it
 
     if rank == 0:
@@ -103,6 +158,7 @@ def train(
         if message:
             print(message, flush=True)
     bars = progress and rank == 0 and sys.stderr.isatty()
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
 
     record: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -110,45 +166,59 @@ def train(
         lr = _lr_at(cfg, epoch)
         for group in opt.param_groups:
             group["lr"] = lr
-        # Everything random in an epoch (order, attack starts) is seeded by (seed, epoch), so a
-        # resumed run repeats exactly what the killed run would have done.
-        torch.manual_seed(cfg.seed * 100003 + epoch)
-        order = torch.randperm(x_train.shape[0])
+        # Everything random in an epoch (order, augmentation, attack starts) is seeded by
+        # (seed, epoch), so a resumed run repeats exactly what the killed run would have done.
+        torch.manual_seed(order_seed + epoch)
+        index_batches = epoch_batches(
+            n_train, cfg.batch_size, seed=order_seed, epoch=epoch, rank=rank, world=world
+        )
+        if use_loader:
+            pin = device.type == "cuda"
+            source: Any = make_loader(
+                train_set, index_batches, num_workers=cfg.num_workers, pin_memory=pin
+            )
+        else:
+            source = (train_set[idx] for idx in index_batches)
+        aug_gen = torch.Generator(device=device).manual_seed((order_seed + epoch) * 1009 + rank)
         net.train()
         bound.train()
-        total_loss, total_correct, seen = 0.0, 0, 0
+        # running sums stay on the device: no host synchronisation per step
+        totals = torch.zeros(2, dtype=acc_dtype, device=device)  # loss * n, correct
+        seen = 0
         bar = tqdm(
-            range(steps_per_epoch),
+            source,
+            total=steps_per_epoch,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             disable=not bars,
             leave=False,
         )
-        for i in bar:
-            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            idx = idx[rank::world] if world > 1 else idx
-            xb, yb = x_train[idx].to(device), y_train[idx].to(device)
+        for i, (xb, yb) in enumerate(bar):
+            xb = xb.to(device, non_blocking=True)
+            yb = yb.to(device, non_blocking=True)
+            xb = augment_batch(xb, cfg.augment, aug_gen)
             c = schedule(step)
-            loss, logits = _loss(cfg, net, model, bound, xb, yb, c)
+            loss, logits = _loss(cfg, net, model, bound, xb, yb, c, amp_dtype)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             if cfg.method == "parseval":
                 parseval_retraction(model, cfg.parseval_beta)
             if world > 1:
                 for buf in bound.buffers():
                     dist.broadcast(buf, 0)
             step += 1
-            total_loss += float(loss.detach()) * yb.shape[0]
-            total_correct += int((logits.argmax(1) == yb).sum())
+            with torch.no_grad():
+                totals[0] += loss.detach().to(acc_dtype) * yb.shape[0]
+                totals[1] += (logits.argmax(1) == yb).sum().to(acc_dtype)
             seen += yb.shape[0]
-            if i % 20 == 0:
-                bar.set_postfix(loss=f"{total_loss / seen:.4f}", c=f"{c:.3g}")
+            if bars and i % 20 == 0:  # the only per-step synchronisation, with bars shown
+                bar.set_postfix(loss=f"{float(totals[0]) / seen:.4f}", c=f"{c:.3g}")
 
+        summed = torch.cat([totals, torch.tensor([seen], dtype=acc_dtype, device=device)])
         if world > 1:  # the logged loss and accuracy are those of the whole global batch
-            totals = torch.tensor([total_loss, total_correct, seen], dtype=torch.float64)
-            totals = totals.to(device)
-            dist.all_reduce(totals)
-            total_loss, total_correct, seen = totals.cpu().tolist()
+            dist.all_reduce(summed)
+        total_loss, total_correct, seen = summed.cpu().tolist()
         model.eval()
         report = evaluate(model, bound, batches(x_test, y_test, 500, device), [cfg.eval_eps])
         record = {
@@ -207,17 +277,29 @@ def _loss(
     xb: torch.Tensor,
     yb: torch.Tensor,
     c: float,
+    amp_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One mini-batch loss for the configured method; returns (loss, logits)."""
+    """One mini-batch loss for the configured method; returns (loss, float32 logits).
+
+    With ``amp_dtype`` only the model's forward pass runs under ``torch.autocast``; the bound's
+    power iteration, the LMT loss and the attacks stay in float32."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if amp_dtype is None:
+            return net(x)
+        with torch.autocast(x.device.type, dtype=amp_dtype):
+            out = net(x)
+        return out.float()
+
     if cfg.method == "adversarial":
         from .attacks import pgd_l2
 
         model.eval()
         adv = pgd_l2(model, xb, yb, cfg.adv_eps, steps=cfg.adv_steps, restarts=1).x_adv
         model.train()
-        logits = net(adv)
+        logits = forward(adv)
         return F.cross_entropy(logits, yb), logits
-    logits = net(xb)
+    logits = forward(xb)
     if cfg.method == "lmt":
         k = bound(pairwise=cfg.lmt_form == "pairwise")
         return lmt_loss(logits, yb, k, c, release_factor=cfg.release_factor), logits
