@@ -545,3 +545,24 @@ def test_compiled_model_is_certified_through_its_original_module() -> None:
     assert cert.value == pytest.approx(LipschitzBound(model, (4,)).certified().value)
     radii = certify(compiled, torch.randn(5, 4), torch.zeros(5, dtype=torch.long), cert)
     assert radii.shape == (5,)
+
+
+def test_vectors_on_another_device_than_the_model_are_refused() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    bound = LipschitzBound(model, (3,))
+    bound.to("meta")
+    with pytest.raises(InputError, match="bound.to"):
+        bound()
+    with pytest.raises(InputError, match="bound.to"):
+        bound.certified()
+
+
+def test_sync_batch_norm_is_bounded_like_batch_norm() -> None:
+    torch.manual_seed(0)
+    plain = _conv_bn().double().eval()
+    plain[1].running_var.uniform_(0.2, 2.0)
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain)).eval()
+    assert isinstance(synced[1], nn.SyncBatchNorm)
+    a = LipschitzBound(plain, (1, 6, 6)).certified().value
+    b = LipschitzBound(synced, (1, 6, 6)).certified().value
+    assert a == pytest.approx(b, rel=1e-12)

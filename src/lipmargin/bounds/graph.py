@@ -35,7 +35,7 @@ from ..layers import LipmarginTracer
 from . import checks, norms, operators, power
 from .registry import FUNCTION_RULES, METHOD_RULES, find_module_rule
 
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 CONV_METHODS = ("fft", "closed_form", "power")
@@ -443,6 +443,18 @@ class LipschitzBound(nn.Module):
         if key not in self._vector_names:
             self._vector_names.append(key)
 
+    def _check_vectors_device(self) -> None:
+        """The power-iteration vectors must live where the model does (they are buffers of this
+        module, which is not the model's parent: moving the model does not move them)."""
+        device = self._device()
+        for key in self._vector_names:
+            u = self._buffers.get(key)
+            if u is not None and u.device != device:
+                raise InputError(
+                    f"the bound's power-iteration vectors are on {u.device} but the model is on "
+                    f"{device}: call bound.to({str(device)!r}) after moving the model"
+                )
+
     def module_of(self, node_name: str) -> nn.Module:
         node = self._nodes[node_name]
         return self._graph_module.get_submodule(str(node.target))
@@ -790,6 +802,7 @@ class LipschitzBound(nn.Module):
         ``pairwise`` is not False, else a scalar bound of the whole logit map (Prop. 1).
         In training mode, first makes one power-iteration step per linear map.
         """
+        self._check_vectors_device()
         use_pairwise = self.has_pairwise if pairwise is None else bool(pairwise)
         if use_pairwise and not self.has_pairwise:
             raise InputError("pairwise bounds need a network whose last layer is nn.Linear")
@@ -848,6 +861,7 @@ class LipschitzBound(nn.Module):
         ``FLOAT64_SLACK`` for float64 rounding, except with ``conv_method="power"``.
         """
         _check_tensors(self.model, certify=False)
+        self._check_vectors_device()
         self._sync()
         if self._cache is not None and self._cache[0] == (self.conv_method, self._digest()):
             return self._cache[1]  # computed (and checked) for exactly these tensors
@@ -978,6 +992,7 @@ def _batch_variance_hook(module: nn.Module, inputs: tuple[Any, ...], output: Any
     if not entries or not module.training or not torch.is_grad_enabled():
         return
     x = inputs[0]
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # the bound stays float32 under AMP
     var = x.var(dim=[d for d in range(x.dim()) if d != 1], unbiased=False)
     owners = []
     for ref, name in list(entries.values()):

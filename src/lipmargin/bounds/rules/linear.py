@@ -145,7 +145,7 @@ def conv(ctx: WalkContext, node: Node) -> torch.Tensor:
     )
 
 
-@register_module(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+@register_module(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 def batch_norm(ctx: WalkContext, node: Node) -> torch.Tensor:
     """BatchNorm after a convolution: one linear map, kernel scaled per output channel by
     ``gamma / sqrt(var + eps)`` (paper §5, tighter than the product). Alone: a diagonal map,
