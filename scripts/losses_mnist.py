@@ -1,0 +1,192 @@
+"""Issue 15: the margin losses beside LMT (GloRo, EMMA, CLL) on the Wong-Kolter MaxMin net.
+
+Every variant is a committed config plus ``--set`` overrides. Each is trained (or resumed) into
+``runs/losses/<key>`` by exactly the command it records (``lipmargin train ...``), then certified
+on the full MNIST test set with ``lipmargin certify --json`` and audited with
+``lipmargin audit --n 1000 --json``; the figures go to ``docs/results/losses/<key>.json`` and the
+section "Issue 15: losses beside LMT" of ``docs/ABLATION.md`` is rebuilt from all JSON files
+present, so the table only ever shows measured runs.
+
+Usage (one variant at a time, one thread):
+    OMP_NUM_THREADS=1 python scripts/losses_mnist.py --data-dir data --only gloro-158
+    python scripts/losses_mnist.py --table-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "docs" / "results" / "losses"
+RUNS = ROOT / "runs" / "losses"
+EPS = ["0.5", "1.0", "1.58", "2.0"]
+WK = "configs/mnist_lmt_maxmin.toml"
+SHORT = ["power_steps=10", "epochs=25", "lr_milestones=[17, 22]"]
+START, END = "<!-- losses:start -->", "<!-- losses:end -->"
+
+# key: (description, config, overrides). Order is the table's order.
+VARIANTS: dict[str, tuple[str, str, list[str]]] = {
+    "lmt-ps10-25ep": ("LMT, c = 2 (issue 8's best Wong-Kolter recipe), 25 ep", WK, SHORT),
+    "gloro-158": ("GloRo, eps 1.58, 25 ep", WK, [*SHORT, 'loss="gloro"', "c=1.58"]),
+    "gloro-20": ("GloRo, eps 2.0, 25 ep", WK, [*SHORT, 'loss="gloro"', "c=2.0"]),
+    "gloro-20-warm": (
+        "GloRo, eps 0 -> 2.0 over 5 epochs, 25 ep",
+        WK,
+        [*SHORT, 'loss="gloro"', "c=2.0", "c0=0.0", "c_warmup_epochs=5"],
+    ),
+    "gloro-20-trades": (
+        "GloRo + TRADES lambda 1.5, eps 2.0, 25 ep",
+        WK,
+        [*SHORT, 'loss="gloro"', "c=2.0", "trades_lambda=1.5"],
+    ),
+    "emma-20": ("EMMA, eps 2.0, 25 ep", WK, [*SHORT, 'loss="emma"', "c=2.0"]),
+    "cll-158": ("CLL, eps 1.58, p 0.3, decay 1e-4, 25 ep", WK, [*SHORT, 'loss="cll"', "c=1.58"]),
+}
+
+
+def train_command(key: str) -> list[str]:
+    _, cfg_path, overrides = VARIANTS[key]
+    cmd = ["lipmargin", "train", "--config", cfg_path]
+    for o in [*overrides, f'name="losses-{key}"']:
+        cmd += ["--set", o]
+    return cmd + ["--out", f"runs/losses/{key}"]
+
+
+def _lipmargin() -> list[str]:
+    return [sys.executable, "-m", "lipmargin"]
+
+
+def run_variant(key: str, data_dir: str | None, audit_n: int, train_it: bool) -> dict:
+    desc, cfg_path, overrides = VARIANTS[key]
+    run_dir = RUNS / key
+    dd = ["--data-dir", data_dir] if data_dir else []
+    if train_it:  # exactly the recorded command; --resume continues a stopped run
+        cmd = _lipmargin() + train_command(key)[1:] + ["--resume", *dd]
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    log = [json.loads(ln) for ln in (run_dir / "log.jsonl").read_text().splitlines()]
+    OUT.mkdir(parents=True, exist_ok=True)
+    cert_json = OUT / f"{key}_certify.json"
+    subprocess.run(
+        _lipmargin() + ["certify", str(run_dir), "--eps", *EPS, "--json", str(cert_json), *dd],
+        check=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
+    cert = json.loads(cert_json.read_text())
+    result = {
+        "key": key,
+        "description": desc,
+        "config": cfg_path,
+        "overrides": overrides,
+        "command": shlex.join(train_command(key)),
+        "epochs": log[-1]["epoch"],
+        "train_seconds_logged": sum(r["seconds"] for r in log),
+        "median_epoch_seconds": statistics.median(r["seconds"] for r in log),
+        "final_train_accuracy": log[-1]["train_accuracy"],
+        "certification": {k: v for k, v in cert.items() if k not in ("curve", "layers")},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+    }
+    audit_json = OUT / f"{key}_audit.json"
+    if audit_n:  # the command a user runs; exit status 1 means a broken certificate
+        cmd = ["audit", str(run_dir), "--n", str(audit_n), "--json", str(audit_json), *dd]
+        subprocess.run(_lipmargin() + cmd, check=False, cwd=ROOT, stdout=subprocess.DEVNULL)
+    if audit_json.exists():
+        a = json.loads(audit_json.read_text())
+        result["audit"] = {k: a[k] for k in ("n", "n_certified", "broken") if k in a}
+        result["audit"]["gradient_ratio_max"] = a.get("gradient_lower_over_certified_max")
+    (OUT / f"{key}.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _rows() -> dict[str, dict]:
+    if not OUT.exists():
+        return {}
+    return {p.stem: json.loads(p.read_text()) for p in OUT.glob("*.json") if "_" not in p.stem}
+
+
+def _audit_cell(r: dict) -> str:
+    a = r.get("audit")
+    return f"{len(a['broken'])} / {a['n_certified']} (first {a['n']})" if a else "not run"
+
+
+def section() -> str:
+    rows = _rows()
+    lines = [
+        START,
+        "## Issue 15: losses beside LMT",
+        "",
+        "Produced by `python scripts/losses_mnist.py --data-dir data --audit-n 1000` (one run at "
+        "a time, OMP_NUM_THREADS=1, on a 2-core x86_64 CPU shared with other jobs). Wong-Kolter "
+        "net with MaxMin, 10 power-iteration steps per update, Adam lr 1e-3, 25 epochs with lr "
+        "x0.1 after epochs 17 and 22 unless the row says otherwise; for every loss the training "
+        "radius eps is the config's `c`. Full MNIST test set (10,000 points), guaranteed bound "
+        "(`lipmargin certify`, Prop. 2 radii); audit = `lipmargin audit --n 1000` (PGD + C&W "
+        "inside every certified radius). Train time is the sum of the logged epoch times.",
+        "",
+        "| variant | epochs | clean | cert. 0.5 | cert. 1.0 | cert. 1.58 | cert. 2.0 "
+        "| median radius | final train acc. | train time (min) | audit: broken / certified |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in VARIANTS:
+        if key not in rows:
+            continue
+        r = rows[key]
+        c = r["certification"]
+        ca = c["certified_accuracy"]
+        lines.append(
+            f"| {r['description']} | {r['epochs']} | {100 * c['clean_accuracy']:.2f} | "
+            + " | ".join(f"{100 * ca[str(float(e))]:.2f}" for e in EPS)
+            + f" | {c['median_radius']:.3f} | {100 * r['final_train_accuracy']:.2f} | "
+            f"{r['train_seconds_logged'] / 60:.1f} | {_audit_cell(r)} |"
+        )
+    lines += ["", "Commands (each run then certified and audited as above):", ""]
+    for key in VARIANTS:
+        if key in rows:
+            lines.append(f"- `{key}`: `{rows[key]['command']}`")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_section() -> str:
+    """Replace (or append) the block between the losses markers of docs/ABLATION.md."""
+    path = ROOT / "docs" / "ABLATION.md"
+    text = path.read_text() if path.exists() else ""
+    block = section()
+    if START in text and END in text:
+        a, b = text.index(START), text.index(END) + len(END)
+        text = text[:a] + block + text[b:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+    return block
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--only", nargs="*", default=None, choices=list(VARIANTS))
+    ap.add_argument("--audit-n", type=int, default=0)
+    ap.add_argument("--skip-train", action="store_true", help="certify existing runs only")
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    if not args.table_only:
+        for key in args.only or list(VARIANTS):
+            r = run_variant(key, args.data_dir, args.audit_n, not args.skip_train)
+            c = r["certification"]
+            print(key, c["clean_accuracy"], c["certified_accuracy"], c["median_radius"], flush=True)
+    print(write_section())
+
+
+if __name__ == "__main__":
+    main()
