@@ -49,8 +49,19 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         WK,
         [*SHORT, 'loss="gloro"', "c=2.0", "trades_lambda=1.5"],
     ),
+    "gloro-174": ("GloRo, eps 1.74 (1.1 x 1.58), 25 ep", WK, [*SHORT, 'loss="gloro"', "c=1.74"]),
     "emma-20": ("EMMA, eps 2.0, 25 ep", WK, [*SHORT, 'loss="emma"', "c=2.0"]),
-    "cll-158": ("CLL, eps 1.58, p 0.3, decay 1e-4, 25 ep", WK, [*SHORT, 'loss="cll"', "c=1.58"]),
+    "emma-158": ("EMMA, eps 1.58, 25 ep", WK, [*SHORT, 'loss="emma"', "c=1.58"]),
+    "cll-158": (
+        "CLL, eps 1.58 (logistic centred at radius 3.16), p 0.3, decay 1e-4, 25 ep",
+        WK,
+        [*SHORT, 'loss="cll"', "c=1.58"],
+    ),
+    "cll-079": (
+        "CLL, eps 0.79 (logistic centred at radius 1.58), p 0.3, decay 1e-4, 25 ep",
+        WK,
+        [*SHORT, 'loss="cll"', "c=0.79"],
+    ),
 }
 
 
