@@ -62,6 +62,11 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         WK,
         [*SHORT, 'loss="cll"', "c=0.79"],
     ),
+    "lmt-full": (
+        "LMT, c = 2, full schedule: 45 ep, lr steps 30/40 (issue 8's ps10 row, re-run)",
+        WK,
+        ["power_steps=10"],
+    ),
     "gloro-full": (
         "GloRo, eps 0 -> 2.0 over 5 epochs, full schedule: 45 ep, lr steps 30/40",
         "configs/mnist_wk_gloro.toml",
