@@ -87,10 +87,12 @@ NOTES: list[str] = [
     "54.53% with 94.63% clean.",
     "- The eps warm-up matters for GloRo: +1.23 points at 1.58 and +0.65 clean at eps 2.0.",
     "- Full schedule (45 epochs, `configs/mnist_wk_gloro.toml`): GloRo 95.77% clean, 56.63% at "
-    "1.58, 41.28% at 2.0, median radius 1.764, against LMT's LMT_FULL; issue 8's "
-    "row for the same LMT recipe (`ps10` in docs/results/ablation) was 96.35% / 57.63% / 38.56%. "
-    "GloRo trades about one point at 1.58 and half a point of clean accuracy for about three "
-    "points at 2.0: it does not clearly beat LMT on this net, so no 4C3F GloRo run was started.",
+    "1.58, 41.28% at 2.0, median radius 1.764, against 96.44% / 57.16% / 38.23% / 1.737 for "
+    "LMT re-run here with the same schedule (issue 8's run of that LMT recipe, `ps10` in "
+    "docs/results/ablation, gave 96.35% / 57.63% / 38.56%: the spread between two runs of one "
+    "recipe is about half a point). GloRo gives up about half a point at 1.58 and 0.7 points "
+    "of clean accuracy for three points at 2.0: it does not clearly beat LMT on this net, so no "
+    "4C3F GloRo run was started.",
     "- EMMA (per-class radius clipped to [0.01 eps, eps]) keeps clean accuracy at eps 1.58 "
     "(96.27%) but certifies less at 1.58 (53.22%) and much less at 2.0 (29.72%); at eps 2.0 it "
     "loses clean accuracy (94.45%) and reaches 53.68%.",
