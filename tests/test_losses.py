@@ -18,8 +18,15 @@ from lipmargin.bounds import LipschitzBound
 from lipmargin.errors import ConfigError
 from lipmargin.losses import (
     CSchedule,
+    cll_loss,
+    cll_temperature,
+    emma_logits,
+    emma_loss,
+    gloro_logits,
+    gloro_loss,
     lmt_logits,
     lmt_loss,
+    margin_loss,
     parseval_retraction,
     spectral_norm_penalty,
 )
@@ -389,3 +396,387 @@ def test_pairwise_gradient_finite_with_identical_class_rows() -> None:
     lmt_loss(model(x), y, bound(), 1.0, release_factor=False).backward()
     for name, p in model.named_parameters():
         assert torch.isfinite(p.grad).all(), name
+
+
+# --------------------------------------------------------------------------- issue 15: GloRo
+
+
+def _loop_bottom(logits, y, pair, eps):
+    """z_bot = max_{i != y} (z_i + eps K[y, i]) by explicit loops (Leino et al. 2021)."""
+    out = []
+    for j in range(logits.shape[0]):
+        t = int(y[j])
+        out.append(
+            max(
+                float(logits[j, i]) + eps * float(pair[t, i])
+                for i in range(logits.shape[1])
+                if i != t
+            )
+        )
+    return torch.tensor(out, dtype=F64)
+
+
+def _radius(logits, y, pair):
+    """Prop. 2 radius by loops (negative allowed: no clipping at 0)."""
+    out = []
+    for j in range(logits.shape[0]):
+        t = int(y[j])
+        out.append(
+            min(
+                (float(logits[j, t]) - float(logits[j, i])) / float(pair[t, i])
+                for i in range(logits.shape[1])
+                if i != t
+            )
+        )
+    return torch.tensor(out, dtype=F64)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.3, 1.58, 4.0])
+def test_gloro_logits_and_loss_match_loops(eps: float) -> None:
+    logits, y, pair = _data(n=25, seed=11)
+    ext = gloro_logits(logits, y, pair, eps)
+    assert ext.shape == (25, 6)
+    assert torch.equal(ext[:, :5], logits)
+    torch.testing.assert_close(ext[:, 5], _loop_bottom(logits, y, pair, eps), rtol=0, atol=1e-12)
+    # cross-entropy over K + 1 classes with the true class, by hand
+    expected = (
+        sum(
+            -float(ext[j, int(y[j])]) + math.log(sum(math.exp(float(v)) for v in ext[j]))
+            for j in range(25)
+        )
+        / 25
+    )
+    assert float(gloro_loss(logits, y, pair, eps)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_gloro_at_eps_zero_counts_the_runner_up_twice() -> None:
+    """At eps = 0 GloRo is not cross-entropy: the bottom logit is the best wrong logit."""
+    logits, y, pair = _data(n=15, seed=12)
+    masked = logits.masked_fill(F.one_hot(y, 5).bool(), -math.inf)
+    runner = masked.max(1).values
+    expected = (
+        -logits.gather(1, y[:, None])[:, 0]
+        + torch.logsumexp(torch.cat([logits, runner[:, None]], 1), 1)
+    ).mean()
+    got = gloro_loss(logits, y, pair, 0.0)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert got > F.cross_entropy(logits, y)
+
+
+def test_gloro_bottom_wins_exactly_when_not_certified() -> None:
+    """argmax of the K + 1 logits is the true class iff the Prop. 2 radius exceeds eps."""
+    g = torch.Generator().manual_seed(13)
+    logits = torch.randn(400, 5, generator=g, dtype=F64) * 3
+    y = logits.argmax(1)  # correct points: anchor "label" and "prediction" agree
+    _, _, pair = _data(seed=13)
+    for eps in (0.2, 1.0, 2.5):
+        ext = gloro_logits(logits, y, pair, eps)
+        robust = ext.argmax(1) == y
+        radius = _radius(logits, y, pair)
+        assert torch.equal(robust, radius > eps)
+        assert 0 < int(robust.sum()) < 400  # both cases occur
+        torch.testing.assert_close(ext, gloro_logits(logits, y, pair, eps, anchor="prediction"))
+
+
+def test_gloro_anchor_prediction_differs_on_misclassified_points() -> None:
+    logits, _, pair = _data(n=20, seed=14)
+    y = logits.argmin(1)  # every point misclassified
+    lab = gloro_logits(logits, y, pair, 1.0)
+    pred = gloro_logits(logits, y, pair, 1.0, anchor="prediction")
+    j = logits.argmax(1)
+    torch.testing.assert_close(pred[:, 5], _loop_bottom(logits, j, pair, 1.0), rtol=0, atol=1e-12)
+    assert not torch.allclose(lab[:, 5], pred[:, 5])
+    # label anchor: the predicted (wrong) class is a candidate, so the bottom beats the label
+    assert (lab[:, 5] > logits.gather(1, y[:, None])[:, 0]).all()
+
+
+def test_gloro_loss_decreases_as_certified_margin_grows() -> None:
+    logits, _, pair = _data(n=30, seed=15)
+    y = logits.argmax(1)
+    previous = math.inf
+    for extra in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0):
+        z = logits.clone()
+        z[torch.arange(30), y] += extra  # larger margin, larger certified radius
+        loss = float(gloro_loss(z, y, pair, 1.58))
+        assert loss < previous
+        previous = loss
+    # a smaller Lipschitz bound (larger radii) also lowers the loss; eps larger raises it
+    assert gloro_loss(logits, y, 0.5 * pair, 1.58) < gloro_loss(logits, y, pair, 1.58)
+    assert gloro_loss(logits, y, pair, 2.0) > gloro_loss(logits, y, pair, 1.58)
+
+
+@pytest.mark.parametrize("lam", [0.5, 3.0])
+def test_gloro_trades_equals_explicit_kl(lam: float) -> None:
+    logits, y, pair = _data(n=20, seed=16)
+    eps = 1.2
+    ext = gloro_logits(logits, y, pair, eps)
+    p = torch.cat([torch.softmax(logits, 1), torch.zeros(20, 1, dtype=F64)], 1)
+    log_q = torch.log_softmax(ext, 1)
+    kl = (torch.xlogy(p, p) - p * log_q).sum(1).mean()  # 0 log 0 = 0 for the bottom class
+    expected = F.cross_entropy(logits, y) + lam * kl
+    got = gloro_loss(logits, y, pair, eps, trades_lambda=lam)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # at eps = 0 the KL term is log(1 + exp(z_runner) / sum exp z) > 0: not cross-entropy
+    assert gloro_loss(logits, y, pair, 0.0, trades_lambda=lam) > F.cross_entropy(logits, y)
+
+
+def test_gloro_global_bound_is_pairwise_sqrt2_l() -> None:
+    logits, y, _ = _data(seed=17)
+    lip = torch.tensor(1.3, dtype=F64)
+    full = torch.full((5, 5), math.sqrt(2) * 1.3, dtype=F64)
+    full.fill_diagonal_(0.0)
+    for fn, kw in (
+        (gloro_loss, {}),
+        (gloro_loss, {"trades_lambda": 1.0}),
+        (emma_loss, {}),
+        (cll_loss, {}),
+        (cll_loss, {"lip_decay": 0.1}),
+    ):
+        torch.testing.assert_close(fn(logits, y, lip, 0.9, **kw), fn(logits, y, full, 0.9, **kw))
+
+
+# --------------------------------------------------------------------------- issue 15: EMMA
+
+
+def _loop_emma(logits, y, pair, eps, floor):
+    out = logits.clone()
+    for j in range(logits.shape[0]):
+        t = int(y[j])
+        for i in range(logits.shape[1]):
+            if i == t:
+                continue
+            k = float(pair[t, i])
+            r = (float(logits[j, t]) - float(logits[j, i])) / (eps * k)
+            out[j, i] += min(1.0, max(floor, r)) * eps * k
+    return out
+
+
+@pytest.mark.parametrize("eps,floor", [(0.5, 0.01), (1.58, 0.01), (3.0, 0.0), (1.0, 0.2)])
+def test_emma_matches_loops(eps: float, floor: float) -> None:
+    logits, y, pair = _data(n=40, seed=18)
+    got = emma_logits(logits, y, pair, eps, floor=floor)
+    torch.testing.assert_close(got, _loop_emma(logits, y, pair, eps, floor), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        emma_loss(logits, y, pair, eps, floor=floor),
+        F.cross_entropy(_loop_emma(logits, y, pair, eps, floor), y),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+def test_emma_eps_zero_is_cross_entropy_and_bounded_by_lmt() -> None:
+    logits, y, pair = _data(n=30, seed=19)
+    assert emma_logits(logits, y, pair, 0.0) is logits
+    assert torch.equal(emma_loss(logits, y, pair, 0.0), F.cross_entropy(logits, y))
+    # per-class radii never exceed eps: EMMA's loss lies between CE and plain LMT
+    emma = emma_loss(logits, y, pair, 1.0)
+    assert F.cross_entropy(logits, y) < emma < lmt_loss(logits, y, pair, 1.0, release_factor=False)
+    # misclassified classes get the floor: floor 0 and all points misclassified -> CE
+    y_bad = logits.argmin(1)
+    z = logits.clone()
+    z[torch.arange(30), y_bad] -= 100.0  # every wrong class beats the label
+    assert torch.equal(emma_logits(z, y_bad, pair, 1.0, floor=0.0), z)
+    # and huge margins give the full LMT margin on every class
+    z = logits.clone()
+    y_ok = logits.argmax(1)
+    z[torch.arange(30), y_ok] += 100.0
+    torch.testing.assert_close(
+        emma_logits(z, y_ok, pair, 1.0), lmt_logits(z, y_ok, pair, 1.0, release_factor=False)
+    )
+
+
+def test_emma_radius_factor_is_constant_in_backward() -> None:
+    logits0, _, pair0 = _data(n=20, seed=20)
+    y = logits0.argmax(1)
+    eps = 2.0
+
+    def run(detach: bool):
+        z = logits0.clone().requires_grad_(True)
+        k = pair0.clone().requires_grad_(True)
+        rows = k[y] * (1 - F.one_hot(y, 5).to(F64))
+        ratio = ((z.gather(1, y[:, None]) - z) / (eps * rows).clamp_min(1e-12)).clamp(0.01, 1)
+        if detach:
+            ratio = ratio.detach()
+        F.cross_entropy(z + ratio * eps * rows, y).backward()
+        return z.grad, k.grad
+
+    z = logits0.clone().requires_grad_(True)
+    k = pair0.clone().requires_grad_(True)
+    emma_loss(z, y, k, eps).backward()
+    mz, mk = run(detach=True)
+    torch.testing.assert_close(z.grad, mz, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(k.grad, mk, rtol=1e-10, atol=1e-12)
+    assert k.grad.abs().sum() > 0
+    nz, _ = run(detach=False)
+    assert not torch.allclose(z.grad, nz, rtol=1e-6, atol=1e-8)
+
+
+# --------------------------------------------------------------------------- issue 15: CLL
+
+
+def test_cll_matches_formula_and_is_scale_invariant() -> None:
+    logits, y, pair = _data(n=30, seed=21)
+    eps, p = 1.58, 0.3
+    sigma = cll_temperature(eps, p)
+    q = math.log((1 - p / 2) / (p / 2)) - math.log((p / 2) / (1 - p / 2))
+    assert sigma == pytest.approx(2 * eps / q, rel=1e-12)
+    expected = 0.0
+    for j in range(30):
+        t = int(y[j])
+        s = sum(
+            math.exp(
+                (2 * eps - (float(logits[j, t]) - float(logits[j, i])) / float(pair[t, i])) / sigma
+            )
+            for i in range(5)
+            if i != t
+        )
+        expected += math.log1p(s) / 30
+    got = cll_loss(logits, y, pair, eps, p=p, lip_decay=0.0)
+    assert float(got) == pytest.approx(expected, rel=1e-12)
+    # scaling the network's output (logits and bound together) leaves the calibrated term alone
+    torch.testing.assert_close(cll_loss(3 * logits, y, 3 * pair, eps, lip_decay=0.0), got)
+    # the decay term is lip_decay * (max K)^2
+    torch.testing.assert_close(
+        cll_loss(logits, y, pair, eps, lip_decay=0.01), got + 0.01 * pair.max() ** 2
+    )
+    # larger certified radii lower the loss
+    z = logits.clone()
+    z[torch.arange(30), y] += 2.0
+    assert cll_loss(z, y, pair, eps, lip_decay=0.0) < got
+
+
+def test_cll_detach_bound() -> None:
+    logits, y, pair = _data(n=10, seed=22)
+    logits.requires_grad_(True)
+    k = pair.clone().requires_grad_(True)
+    cll_loss(logits, y, k, 1.0, lip_decay=0.0).backward()
+    assert k.grad is None or torch.count_nonzero(k.grad) == 0
+    k2 = pair.clone().requires_grad_(True)
+    cll_loss(logits, y, k2, 1.0, lip_decay=0.0, detach_bound=False).backward()
+    assert torch.count_nonzero(k2.grad) > 0
+    k3 = pair.clone().requires_grad_(True)
+    cll_loss(logits, y, k3, 1.0, lip_decay=0.5).backward()  # only the decay term: max entry
+    assert torch.count_nonzero(k3.grad) == 2  # the symmetric pair holding the maximum
+
+
+# --------------------------------------------------------------------------- issue 15: shared
+
+
+def _clipped_data(eps: float, floor: float, seed: int):
+    """Logits whose EMMA factors are all clipped (locally constant): gradcheck applies."""
+    logits, y, pair = _data(n=6, k=4, seed=seed)
+    logits = logits.clone()
+    for j in range(6):
+        t = int(y[j])
+        for i in range(4):
+            if i != t:
+                # either certified well beyond eps, or well below the floor (wrong side)
+                sign = 1.0 if (i + j) % 2 else -1.0
+                logits[j, i] = logits[j, t] - (2.0 * eps * float(pair[t, i])) * sign
+    return logits, y, pair
+
+
+@pytest.mark.parametrize("name", ["gloro", "gloro-trades", "gloro-pred", "emma", "cll", "cll-k"])
+def test_losses_gradcheck(name: str) -> None:
+    eps = 0.7
+    logits, y, pair = _clipped_data(eps, 0.01, seed=23)
+    pair = pair.clone()
+    pair.fill_diagonal_(0.0)
+    z = logits.clone().requires_grad_(True)
+    k = pair.clone().requires_grad_(True)
+    fns = {
+        "gloro": lambda z, k: gloro_loss(z, y, k, eps),
+        "gloro-trades": lambda z, k: gloro_loss(z, y, k, eps, trades_lambda=2.0),
+        "gloro-pred": lambda z, k: gloro_loss(z, y, k, eps, anchor="prediction"),
+        "emma": lambda z, k: emma_loss(z, y, k, eps),
+        "cll": lambda z, k: cll_loss(z, y, k, eps, lip_decay=0.1, detach_bound=False),
+        "cll-k": lambda z, k: cll_loss(z, y, k, eps, lip_decay=0.0, detach_bound=False),
+    }
+    assert torch.autograd.gradcheck(fns[name], (z, k), eps=1e-6, atol=1e-7)
+    fns[name](z, k).backward()
+    assert torch.isfinite(z.grad).all() and torch.isfinite(k.grad).all()
+    assert k.grad.abs().sum() > 0  # the loss reaches the bound
+
+
+def test_losses_gradcheck_detached_cll_in_logits() -> None:
+    logits, y, pair = _data(n=6, k=4, seed=24)
+    z = logits.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: cll_loss(z, y, pair, 0.8), (z,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["gloro", "emma", "cll"])
+def test_losses_finite_with_degenerate_bounds(name: str) -> None:
+    """Zero diagonal, identical class rows (K[t, i] = 0) and misclassified points: no NaN."""
+    logits, y, pair = _data(n=12, seed=25)
+    pair = pair.clone()
+    pair[0, 1] = pair[1, 0] = 0.0
+    y = y.clone()
+    y[:6] = logits[:6].argmin(1)  # misclassified
+    z = logits.clone().requires_grad_(True)
+    k = pair.clone().requires_grad_(True)
+    kwargs = {"detach_bound": False, "lip_decay": 1e-3} if name == "cll" else {}
+    loss = margin_loss(name, z, y, k, 1.0, **kwargs)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_margin_loss_dispatch_and_bad_values() -> None:
+    logits, y, pair = _data(seed=26)
+    assert torch.equal(margin_loss("lmt", logits, y, pair, 1.0), lmt_loss(logits, y, pair, 1.0))
+    assert torch.equal(margin_loss("gloro", logits, y, pair, 1.0), gloro_loss(logits, y, pair, 1.0))
+    bad = [
+        lambda: margin_loss("nope", logits, y, pair, 1.0),
+        lambda: gloro_loss(logits, y, pair, -1.0),
+        lambda: gloro_loss(logits, y, pair, 1.0, trades_lambda=-1.0),
+        lambda: gloro_loss(logits, y, pair, 1.0, anchor="bottom"),
+        lambda: emma_loss(logits, y, pair, math.nan),
+        lambda: emma_loss(logits, y, pair, 1.0, floor=1.5),
+        lambda: cll_loss(logits, y, pair, 0.0),
+        lambda: cll_loss(logits, y, pair, 1.0, p=1.0),
+        lambda: cll_loss(logits, y, pair, 1.0, lip_decay=-1.0),
+    ]
+    for fn in bad:
+        with pytest.raises(ConfigError):
+            fn()
+    with pytest.raises(ValueError):
+        gloro_loss(logits, y, torch.ones(3, 3, dtype=F64), 1.0)
+
+
+def test_config_loss_keys() -> None:
+    from lipmargin.config import config_from_dict
+
+    cfg = config_from_dict({})
+    assert cfg.loss == "lmt" and cfg.trades_lambda == 0.0
+    cfg = config_from_dict({"loss": "gloro", "trades_lambda": 2, "c": 1.58})
+    assert cfg.loss == "gloro"
+    for bad in (
+        {"loss": "hinge"},
+        {"loss": "gloro", "method": "plain"},
+        {"trades_lambda": -1.0},
+        {"trades_lambda": "1"},
+        {"emma_floor": 2.0},
+        {"cll_p": 0.0},
+        {"cll_lip_decay": True},
+        {"gloro_anchor": "pred"},
+        {"cll_detach_bound": 1},
+        {"loss": "cll", "c": 0.0},
+    ):
+        with pytest.raises(ConfigError):
+            config_from_dict(bad)
+
+
+@pytest.mark.parametrize("loss", ["gloro", "emma", "cll"])
+def test_train_loss_uses_configured_margin_loss(loss: str) -> None:
+    from lipmargin.config import config_from_dict
+    from lipmargin.train import _loss
+
+    cfg = config_from_dict({"loss": loss, "trades_lambda": 1.0 if loss == "gloro" else 0.0})
+    model = _net().eval()
+    bound = LipschitzBound(model, (1, 6, 6)).eval()  # eval: no power step, same K twice
+    x = torch.rand(8, 1, 6, 6)
+    y = torch.arange(8) % 4
+    got, logits = _loss(cfg, model, model, bound, x, y, 0.8)
+    kwargs = {"gloro": {"trades_lambda": 1.0}, "emma": {}, "cll": {"lip_decay": 1e-4}}[loss]
+    expected = margin_loss(loss, model(x), y, bound(), 0.8, **kwargs)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, lmt_loss(logits, y, bound(), 0.8))

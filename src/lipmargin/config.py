@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .losses import LOSSES
 
 AUGMENTATIONS = ("none", "shift", "crop", "crop-flip")  # data.AUGMENTATIONS
 LOADERS = ("auto", "memory", "dataloader")
@@ -38,6 +39,15 @@ class TrainConfig:
     release_factor: bool = True
     power_steps: int = 1  # power-iteration steps per update (paper Alg. 1: 1)
     power_every: int = 1  # power-iteration update every k training steps (sigma every step)
+    # margin loss of method "lmt" (issue 15), eps = c above (with its warm-up): "lmt" (paper
+    # Alg. 1), "gloro" (Leino et al. 2021), "emma" (Hu et al. 2023), "cll" (Losch et al. 2023)
+    loss: str = "lmt"
+    trades_lambda: float = 0.0  # gloro: weight of the TRADES (KL) term; 0 = plain GloRo loss
+    gloro_anchor: str = "label"  # gloro: bottom logit from the "label" or the "prediction"
+    emma_floor: float = 0.01  # emma: lower clip of eps_i / eps
+    cll_p: float = 0.3  # cll: logistic err_quantile p
+    cll_lip_decay: float = 1e-4  # cll: weight of (max K[t, i])^2
+    cll_detach_bound: bool = True  # cll: bound held constant in the calibrated term
     # baselines
     weight_decay: float = 0.0
     snr_lambda: float = 0.01
@@ -132,6 +142,7 @@ class TrainConfig:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        self._validate_loss(is_num)
         if self.lmt_form not in ("pairwise", "global"):
             raise ConfigError(f"lmt_form must be 'pairwise' or 'global', got {self.lmt_form!r}")
         for key in (
@@ -176,6 +187,30 @@ class TrainConfig:
         if self.train_subset is not None and self.train_subset < 1:
             raise ConfigError("train_subset must be at least 1")
         return self
+
+    def _validate_loss(self, is_num: Any) -> None:
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.loss != "lmt" and self.method != "lmt":
+            raise ConfigError(f"loss {self.loss!r} needs method 'lmt', got {self.method!r}")
+        for key in ("trades_lambda", "emma_floor", "cll_p", "cll_lip_decay"):
+            value = getattr(self, key)
+            if not is_num(value) or value < 0:
+                raise ConfigError(f"{key} must be a non-negative number, got {value!r}")
+        if self.emma_floor > 1:
+            raise ConfigError(f"emma_floor must lie in [0, 1], got {self.emma_floor!r}")
+        if not 0 < self.cll_p < 1:
+            raise ConfigError(f"cll_p must lie in (0, 1), got {self.cll_p!r}")
+        if self.gloro_anchor not in ("label", "prediction"):
+            raise ConfigError(
+                f"gloro_anchor must be 'label' or 'prediction', got {self.gloro_anchor!r}"
+            )
+        if not isinstance(self.cll_detach_bound, bool):
+            raise ConfigError(
+                f"cll_detach_bound must be true or false, got {self.cll_detach_bound!r}"
+            )
+        if self.loss == "cll" and self.c == 0:
+            raise ConfigError("loss 'cll' needs c > 0 (its temperature is 2 c / Q(p))")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -40,7 +40,7 @@ from .certify import batches, evaluate
 from .config import TrainConfig
 from .data import augment_batch, epoch_batches, get_dataset, load_dataset, make_loader
 from .errors import ConfigError
-from .losses import CSchedule, lmt_loss, parseval_retraction, spectral_norm_penalty
+from .losses import CSchedule, lmt_loss, margin_loss, parseval_retraction, spectral_norm_penalty
 from .runs import build_model, load_run  # noqa: F401  (their home is runs.py; kept importable)
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -302,9 +302,26 @@ def _loss(
     logits = forward(xb)
     if cfg.method == "lmt":
         k = bound(pairwise=cfg.lmt_form == "pairwise")
+        if cfg.loss != "lmt":
+            return margin_loss(cfg.loss, logits, yb, k, c, **_loss_kwargs(cfg)), logits
         return lmt_loss(logits, yb, k, c, release_factor=cfg.release_factor), logits
     loss = F.cross_entropy(logits, yb)
     if cfg.method == "snr":
         bound(pairwise=False)
         loss = loss + spectral_norm_penalty(bound.last_sigmas, cfg.snr_lambda)
     return loss, logits
+
+
+def _loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """Hyper-parameters of the configured margin loss (issue 15), by ``cfg.loss``."""
+    if cfg.loss == "gloro":
+        return {"trades_lambda": cfg.trades_lambda, "anchor": cfg.gloro_anchor}
+    if cfg.loss == "emma":
+        return {"floor": cfg.emma_floor}
+    if cfg.loss == "cll":
+        return {
+            "p": cfg.cll_p,
+            "lip_decay": cfg.cll_lip_decay,
+            "detach_bound": cfg.cll_detach_bound,
+        }
+    return {}
