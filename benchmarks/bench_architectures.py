@@ -22,7 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import machine, write
+from _common import write
 
 from lipmargin import models
 from lipmargin.bounds import LipschitzBound, norms, operators
@@ -175,8 +175,6 @@ def main() -> None:
     nets.append(wrn_row())
     depths = depth_rows()
     lines = [
-        f"Machine: {machine()}",
-        "",
         "Fused LiResNet block bound / exact dense norm "
         f"({fused['engine']['n']} random blocks, 1x8x8 to 4x16x16):",
         "",
@@ -220,7 +218,6 @@ def main() -> None:
             f"{r['product_bound_blocks']:.4g} | {r['network_bound']:.4g} |"
         )
     write("architectures", {"fused": fused, "nets": nets, "depths": depths}, "\n".join(lines))
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
