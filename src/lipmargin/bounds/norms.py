@@ -11,6 +11,7 @@ Three kinds of number live here, and every function says which one it returns:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -86,34 +87,15 @@ def conv_padding(
     return tuple((a, a) for a in p)
 
 
-def conv_fft_bound(
+def _space_to_depth_kernel(
     weight: torch.Tensor,
     input_size: Sequence[int],
-    stride: int | Sequence[int] = 1,
-    padding: int | str | Sequence[int] = 0,
-    dilation: int | Sequence[int] = 1,
-    groups: int = 1,
-) -> torch.Tensor:
-    """Guaranteed upper bound of the L2 operator norm of a zero-padded N-d convolution.
-
-    The convolution acts on inputs of spatial size ``input_size`` (its actual input shape,
-    paper Thm. 1 setting) with any stride, padding, dilation and groups.
-    Derivation (shared reference notes §2, "deterministic alternative"):
-
-    1. Zero padding embeds the input isometrically into a grid of size ``h + p_l + p_r``.
-    2. Stride ``s``: split every padded position ``s*q + r`` into phase ``r`` and coarse index
-       ``q`` (space-to-depth). This is a permutation (an isometry, after padding the grid with
-       zeros to a multiple of ``s``), and turns the strided convolution into a stride-1
-       convolution with ``C_in * prod(s)`` channels on a grid of size ``M = ceil((h+p)/s)``.
-    3. The stride-1 "valid" convolution on that grid reads only in-grid positions, so it is a
-       restriction (output selection) of the circular convolution on the ``M`` grid; its norm is
-       at most the circular one.
-    4. The circular convolution is block-diagonalised by the DFT: its norm is exactly the largest
-       singular value of the ``C_out x C_in`` matrix of kernel DFT coefficients over all
-       frequencies. Groups give a block-diagonal map, whose norm is the max over groups.
-
-    Computed in float64 and inflated by ``FLOAT64_SLACK``. Returns a 0-d float64 tensor.
-    """
+    stride: int | Sequence[int],
+    padding: int | str | Sequence[int],
+    dilation: int | Sequence[int],
+) -> tuple[torch.Tensor, list[int]]:
+    """Steps 1-2 of ``conv_fft_bound``: the float64 stride-1 kernel ``(C_out, C_in', q...)`` after
+    dilation and space-to-depth, and the circular grid size ``M`` it acts on."""
     w = weight.detach().to(torch.float64)
     nsp = w.dim() - 2
     if nsp < 1:
@@ -124,9 +106,6 @@ def conv_fft_bound(
     pads = conv_padding(padding, kernel, dil, stride_t)
     size = _as_tuple(tuple(input_size), nsp)
     c_out, cin_g = w.shape[0], w.shape[1]
-    if c_out % groups:
-        raise ValueError("out_channels must be divisible by groups")
-
     # Dilate the kernel: effective kernel with zeros between taps.
     eff = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dil, strict=True))
     if any(d != 1 for d in dil):
@@ -151,10 +130,291 @@ def conv_fft_bound(
     w = w.reshape(shape)
     perm = [0, 1] + [3 + 2 * i for i in range(nsp)] + [2 + 2 * i for i in range(nsp)]
     w = w.permute(perm).reshape(c_out, cin_g * math.prod(stride_t), *kq)
+    return w, grid
+
+
+def _conv_fft_bound_reference(
+    weight: torch.Tensor,
+    input_size: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | str | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """The plain form of ``conv_fft_bound`` (its steps 1-4): ``rfftn`` of the kernel and
+    ``eigvalsh`` of the Gram matrix at EVERY frequency. Same guarantee, ~10x slower on wide
+    layers; kept as the reference the fast path is tested against."""
+    w, grid = _space_to_depth_kernel(weight, input_size, stride, padding, dilation)
+    c_out = w.shape[0]
+    if c_out % groups:
+        raise ValueError("out_channels must be divisible by groups")
+    nsp = w.dim() - 2
     spec = torch.fft.rfftn(w, s=grid, dim=tuple(range(2, 2 + nsp)))
     # (c_out, cin', f...) -> (f, groups, c_out/g, cin')
     spec = spec.reshape(groups, c_out // groups, spec.shape[1], -1).permute(3, 0, 1, 2)
     return _inflate(top_singular_value(spec).max())
+
+
+def conv_fft_bound(
+    weight: torch.Tensor,
+    input_size: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | str | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """Guaranteed upper bound of the L2 operator norm of a zero-padded N-d convolution.
+
+    The convolution acts on inputs of spatial size ``input_size`` (its actual input shape,
+    paper Thm. 1 setting) with any stride, padding, dilation and groups.
+    Derivation (shared reference notes §2, "deterministic alternative"):
+
+    1. Zero padding embeds the input isometrically into a grid of size ``h + p_l + p_r``.
+    2. Stride ``s``: split every padded position ``s*q + r`` into phase ``r`` and coarse index
+       ``q`` (space-to-depth). This is a permutation (an isometry, after padding the grid with
+       zeros to a multiple of ``s``), and turns the strided convolution into a stride-1
+       convolution with ``C_in * prod(s)`` channels on a grid of size ``M = ceil((h+p)/s)``.
+    3. The stride-1 "valid" convolution on that grid reads only in-grid positions, so it is a
+       restriction (output selection) of the circular convolution on the ``M`` grid; its norm is
+       at most the circular one.
+    4. The circular convolution is block-diagonalised by the DFT: its norm is exactly the largest
+       singular value of the ``C_out x C_in`` matrix ``K(w)`` of kernel DFT coefficients over all
+       frequencies ``w`` of the grid. Groups give a block-diagonal map, whose norm is the max over
+       groups.
+
+    The maximum of step 4 is computed without an eigen-decomposition per frequency
+    (``_max_gram_eigenvalue``): the Gram matrices ``G(w) = K(w) K(w)^H`` (smaller side) come
+    from the real kernel autocorrelation and one DFT matrix product; the largest eigenvalue
+    ``lam`` is computed (``eigvalsh``) only at a few candidate frequencies; every other
+    frequency is PROVEN to satisfy ``G(w) < mu I`` with ``mu = lam (1 + eta)``, ``eta = 1e-10``
+    (more for very wide layers, see there), by a cheap upper bound below ``mu`` or by a
+    successful Cholesky factorisation of ``(mu - delta) I - G(w)`` whose margin ``delta``
+    covers its rounding (Rump's theorem); a frequency that fails both gets its own ``eigvalsh``.
+    The result is therefore at least the exact maximum (up to the float64 rounding that
+    ``FLOAT64_SLACK`` covers, as in the reference) and at most ``sqrt(1 + eta)`` above the plain
+    all-frequency computation ``_conv_fft_bound_reference``.
+
+    Computed in float64 and inflated by ``FLOAT64_SLACK``. Returns a 0-d float64 tensor.
+    """
+    w, grid = _space_to_depth_kernel(weight, input_size, stride, padding, dilation)
+    c_out = w.shape[0]
+    if c_out % groups:
+        raise ValueError("out_channels must be divisible by groups")
+    return _inflate(_circulant_norm(w, grid, groups))
+
+
+#: Relative excess ``eta`` of the certified maximum over the computed one (see
+#: ``_max_gram_eigenvalue``); the square root of ``1 + eta`` reaches the returned norm.
+_CERT_ETA = 1e-10
+_U64 = 2.0**-53
+
+
+def _circulant_norm(w: torch.Tensor, grid: Sequence[int], groups: int) -> torch.Tensor:
+    """Norm (up to rounding and ``_CERT_ETA``) of the circular stride-1 convolution with kernel
+    ``w`` ``(C_out, C_in', q...)`` on ``grid``: ``max_w ||K(w)||_2`` over the DFT grid, per
+    group. Not inflated."""
+    kq = tuple(w.shape[2:])
+    c_out, cin = w.shape[0], w.shape[1]
+    top = w.abs().amax()
+    if not bool(top > 0):
+        return top.new_zeros(())
+    if not torch.isfinite(top):
+        return top.new_full((), math.inf)
+    # Exact power-of-two scaling: the largest entry in [0.5, 1); no rounding, no overflow.
+    _, exp = torch.frexp(top)
+    w = torch.ldexp(w, -exp)
+    # Input channels (of the space-to-depth kernel) that are zero in every group and tap are
+    # zero columns of every K(w): dropping them changes no singular value (a strided 1x1
+    # convolution keeps 1 phase in prod(s)).
+    w = w.reshape(groups, c_out // groups, cin, -1)
+    used = w.abs().amax(dim=(0, 1, 3)) > 0
+    if not bool(used.all()):
+        w = w[:, :, used]
+    # Taps as a leading axis: (groups, T, rows, cols), with rows the smaller side; K(w)^H K(w)
+    # and K(w) K(w)^H have the same non-zero eigenvalues.
+    wt = w.permute(0, 3, 1, 2)
+    if wt.shape[-2] > wt.shape[-1]:
+        wt = wt.transpose(-2, -1)
+    wt = wt.contiguous()
+    neg = _neg_gram_per_frequency(wt, kq, grid)  # (F, groups, n, n) complex: -G(w)
+    lam = _max_gram_eigenvalue(neg.reshape(-1, neg.shape[-2], neg.shape[-1]))
+    return torch.sqrt(lam) * torch.ldexp(torch.ones_like(lam), exp)
+
+
+def _neg_gram_per_frequency(
+    wt: torch.Tensor, kq: Sequence[int], grid: Sequence[int]
+) -> torch.Tensor:
+    """``-G(w)``, minus the Gram matrix ``G(w) = K(w) K(w)^H``, at the ``rfftn`` half of the
+    DFT grid (``G(-w)`` is its complex conjugate: the same eigenvalues), from the real
+    autocorrelation of the kernel.
+
+    ``K(w) = sum_t W_t e^{-i w.t}`` over the taps ``t``, so ``G(w) = sum_d B_d e^{-i w.d}`` with
+    ``B_d = sum_{t - u = d} W_t W_u^T`` (real) and ``B_{-d} = B_d^T``: one GEMM per offset
+    ``d >= 0`` (about half of the tap pairs), then ``Re G = sum_d cos(w.d) (B_d + B_d^T)`` and
+    ``Im G = -sum_d sin(w.d) (B_d - B_d^T)`` (``d > 0``; ``B_0`` once) as one real matrix product
+    each. ``wt`` is ``(groups, T, n, m)`` with the taps in row-major order over ``kq``.
+    """
+    g, n_taps, n, m = wt.shape
+    taps = list(itertools.product(*(range(q) for q in kq)))
+    index = {t: i for i, t in enumerate(taps)}
+    pairs: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    for t in taps:
+        for u in taps:
+            d = tuple(a - b for a, b in zip(t, u, strict=True))
+            if d >= (0,) * len(d):  # lexicographically non-negative offsets
+                pairs.setdefault(d, []).append((index[t], index[u]))
+    offsets = sorted(pairs)
+    sym, skew = [], []
+    for d in offsets:
+        ti = [a for a, _ in pairs[d]]
+        ui = [b for _, b in pairs[d]]
+        x = wt[:, ti].permute(0, 2, 1, 3).reshape(g, n, -1)
+        y = wt[:, ui].permute(0, 2, 1, 3).reshape(g, n, -1)
+        b = x @ y.transpose(-2, -1)
+        if any(d):
+            bt = b.transpose(-2, -1)
+            sym.append(b + bt)
+            skew.append(b - bt)
+        else:
+            sym.append(b)
+            skew.append(torch.zeros_like(b))
+    # Frequencies of the rfftn half grid, angles reduced exactly in integers: w.d = 2 pi frac.
+    axes = [torch.arange(mm, dtype=torch.int64) for mm in grid[:-1]]
+    axes.append(torch.arange(grid[-1] // 2 + 1, dtype=torch.int64))
+    if n_taps == 1:  # a 1x1 kernel (after space-to-depth): G(w) is the same at every w
+        axes = [a[:1] for a in axes]
+    freq = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
+    dmat = torch.tensor(offsets, dtype=torch.int64).reshape(-1, len(grid))
+    size = torch.tensor(list(grid), dtype=torch.int64)
+    turns = ((freq[:, None, :] * dmat[None, :, :]) % size).to(torch.float64) / size
+    angle = 2.0 * math.pi * turns.sum(-1)  # (F, D)
+    # One real GEMM straight into the interleaved (re, im) layout of a complex tensor: rows
+    # [S_d; N_d] with zeros in the other component, coefficients [-cos, sin] (the result is -G).
+    nd = len(offsets)
+    x = wt.new_zeros((2 * nd, g * n * n, 2))
+    x[:nd, :, 0] = torch.stack(sym, 0).reshape(nd, -1)
+    x[nd:, :, 1] = torch.stack(skew, 0).reshape(nd, -1)
+    coef = torch.cat([-torch.cos(angle), torch.sin(angle)], dim=1)
+    neg = coef @ x.reshape(2 * nd, -1)
+    return torch.view_as_complex(neg.reshape(-1, g, n, n, 2))
+
+
+def _max_gram_eigenvalue(neg: torch.Tensor) -> torch.Tensor:
+    """Certified ``max_b lambda_max(G_b)`` of a stack of Hermitian PSD matrices, from above,
+    given ``neg = -G`` (overwritten).
+
+    Returns ``mu`` with every ``lambda_max(G_b) <= mu`` and ``mu <= (1 + eta) max_b
+    eigvalsh(G_b)[-1]`` (the plain maximum over all ``eigvalsh``, which the reference computes).
+    The argument is for the matrices ``G_b`` as stored (their own rounding is the one the
+    reference has too, covered by ``FLOAT64_SLACK``); only lower triangles are read, so "the
+    matrix" is the Hermitian matrix of the stored lower triangle throughout. ``u`` is the unit
+    roundoff of the precision at hand.
+
+    1. Candidates: batched power iteration (complex64, 6 steps) gives a Rayleigh quotient per
+       matrix (an ESTIMATE, only used to choose); ``eigvalsh`` of the best two gives ``lam``,
+       and ``mu = lam (1 + eta)``. Every later step only has to show ``lambda_max(G_b) <= mu``
+       or compute ``lambda_max(G_b)`` by ``eigvalsh``.
+    2. A matrix with a diagonal entry ``G_ii > mu`` has ``lambda_max >= G_ii > mu``: it goes
+       to ``eigvalsh`` (step 5). Every other one has ``0 <= tr(G) <= n mu`` (up to rounding).
+    3. Cholesky certificate (Rump, "Verification of positive definiteness", BIT 46, 2006): if
+       the floating-point Cholesky factorisation of a Hermitian ``A`` runs to completion
+       (``cholesky_ex`` info 0), the computed factor satisfies ``R^H R = A + E`` with
+       ``|E| <= gamma |R^H||R|``, hence ``||E||_2 <= c tr(A)``, ``c = gamma / (1 - gamma)``,
+       and ``A + E`` is positive definite, so ``lambda_min(A) > -c tr(A)``. We use
+       ``gamma = 4 (n + 3) u`` (``gamma_{n+1}`` of the real analysis, doubled for complex
+       arithmetic and rounded up). With ``A = fl(s I - G)`` (the diagonal shift rounds by
+       ``<= u (s + G_ii) <= 2 u mu``) success proves
+       ``lambda_max(G) < s + c tr(A) + 2 u mu``; each matrix gets its own shift
+       ``s = mu - c (n mu - tr(G)) (1 + 1e-6) - margin`` and the right-hand side is checked
+       against ``mu`` after the fact, from the computed ``tr(A)``.
+    4. Screening in float32 first: ``A32 = fl32(A64)`` differs from ``A64`` by at most
+       ``u32 ||A64||_F`` in 2-norm (entrywise relative rounding), so a successful complex64
+       factorisation proves ``lambda_max(G) < s + c32 tr(A32) + u32 ||A64||_F + 2 u64 mu``
+       (with ``c32`` from ``u32``); that screen can only clear a matrix, the ones it does not
+       clear are factorised again in float64 with the smaller float64 margin.
+    5. Every matrix not cleared gets its own ``eigvalsh`` (of ``A64``: ``lambda_max(G) =
+       s - lambda_min(A64)`` up to the diagonal rounding ``2 u mu``, added), and ``mu`` is raised
+       to the largest of them where that is larger (cleared matrices stay below the old ``mu``).
+
+    ``eta`` is ``_CERT_ETA``, or 4 times the float64 margin where that is larger (``n`` above
+    ~500), so that a candidate at the maximum itself passes step 3.
+    """
+    n = neg.shape[-1]
+    nb = neg.shape[0]
+    u64, u32 = _U64, 2.0**-24
+    c64 = 4.0 * (n + 3) * u64 / (1.0 - 4.0 * (n + 3) * u64)
+    c32 = 4.0 * (n + 3) * u32 / (1.0 - 4.0 * (n + 3) * u32)
+    screen32 = n >= 32
+    neg32 = neg.to(torch.complex64) if screen32 else None
+    # 1. candidates
+    est = _rayleigh_estimates(neg if neg32 is None else neg32)
+    best = torch.topk(est, min(nb, 2)).indices
+    lam = (-torch.linalg.eigvalsh(neg[best])[..., 0]).max().clamp_min(0.0)
+    eta = max(_CERT_ETA, 4.0 * (c64 * n + 4 * u64))
+    mu = lam * (1.0 + eta)
+    if not bool(mu > 0):  # all candidates are zero: the plain computation
+        return (-torch.linalg.eigvalsh(neg)[..., 0]).max().clamp_min(0.0)
+    diag = -neg.diagonal(dim1=-2, dim2=-1).real  # G_ii
+    trace = diag.sum(-1)  # tr(G_b), rounding <= n u tr
+    # 2. certain failures, and the candidates (already computed)
+    todo = torch.ones(nb, dtype=torch.bool)
+    todo[best] = False
+    wild = todo & (diag.amax(-1) > mu)
+    todo &= ~wild
+    # 3./4. per-matrix shifts: tr(A) <= n mu - tr(G) + 2 n u mu (trace clamped at >= 0)
+    tr_a = (n * mu - trace.clamp_min(0.0)) * (1.0 + 1e-6) + 4 * n * u64 * mu
+    shift = mu - c64 * tr_a - 4 * u64 * mu
+    if neg32 is not None and bool(todo.any()):
+        # float32 screen of every matrix (in place; the few that need no test are wasted work)
+        fro_guess = math.sqrt(n) * mu * 2.0
+        s32 = mu - c32 * tr_a * (1.0 + 1e-6) - u32 * fro_guess - 4 * u64 * mu
+        neg32.diagonal(dim1=-2, dim2=-1).real.add_(s32[:, None].to(torch.float32))
+        _, info32 = torch.linalg.cholesky_ex(neg32)
+        # a posteriori: tr(A64) and ||A64||_F of A64 = fl(s32 I - G), from diag(G), ||G||_F
+        a_diag = s32[:, None] - diag
+        tr64 = a_diag.sum(-1).abs() * (1.0 + 1e-6)
+        fro_g2 = torch.linalg.vector_norm(torch.view_as_real(neg), dim=(-3, -2, -1)) ** 2
+        off2 = (fro_g2 - (diag**2).sum(-1)).clamp_min(0.0) + 1e-6 * fro_g2
+        fro_a = torch.sqrt(off2 + (a_diag**2).sum(-1)) * (1.0 + 1e-6)
+        rhs = s32 + c32 * tr64 * (1.0 + 1e-6) + u32 * fro_a + 4 * u64 * mu
+        todo &= ~((info32 == 0) & (rhs <= mu))
+        del neg32
+    # the float64 factorisation of the rest
+    failed = wild.clone()
+    if bool(todo.any()):
+        idx = torch.nonzero(todo).flatten()
+        sub = neg if idx.numel() == nb else neg[idx]
+        sub.diagonal(dim1=-2, dim2=-1).real.add_(shift[idx, None])  # A64 = fl(s I - G)
+        _, info = torch.linalg.cholesky_ex(sub)
+        tr_done = sub.diagonal(dim1=-2, dim2=-1).real.sum(-1).abs() * (1.0 + 1e-6)
+        rhs = shift[idx] + c64 * tr_done + 4 * u64 * mu
+        bad = (info != 0) | (rhs > mu)
+        if bool(bad.any()):
+            low = torch.linalg.eigvalsh(sub[bad])[..., 0]
+            top = (shift[idx[bad]] - low) * (1.0 + 4 * u64) + 4 * u64 * mu
+            mu = torch.maximum(mu, top.max())
+    # 5. matrices that cannot pass (a diagonal entry above mu): eigvalsh of G itself
+    if bool(failed.any()):
+        top = -torch.linalg.eigvalsh(neg[failed])[..., 0]
+        mu = torch.maximum(mu, top.max())
+    return mu
+
+
+def _rayleigh_estimates(neg: torch.Tensor, steps: int = 6, block: int = 1) -> torch.Tensor:
+    """Largest Rayleigh quotient of each ``G = -neg`` over ``block`` vectors after ``steps``
+    batched power-iteration steps (a lower ESTIMATE of its largest eigenvalue; only used to
+    choose candidates). ``G`` is PSD, so iterating with ``-G`` converges to the same vector."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (*neg.shape[:-1], min(block, neg.shape[-1]))
+    real = torch.float32 if neg.dtype == torch.complex64 else torch.float64
+    v = torch.complex(
+        torch.randn(shape, generator=gen, dtype=real), torch.randn(shape, generator=gen, dtype=real)
+    )
+    for _ in range(steps):
+        v = neg @ v
+        v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp_min(1e-30)
+    rq = -(v.conj() * (neg @ v)).sum(-2).real
+    return rq.amax(-1).to(torch.float64)
 
 
 def conv_closed_form_bound(
