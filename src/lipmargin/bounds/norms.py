@@ -207,6 +207,7 @@ def conv_fft_bound(
 #: ``_max_gram_eigenvalue``); the square root of ``1 + eta`` reaches the returned norm.
 _CERT_ETA = 1e-10
 _U64 = 2.0**-53
+_U32 = 2.0**-24
 
 
 def _circulant_norm(w: torch.Tensor, grid: Sequence[int], groups: int) -> torch.Tensor:
@@ -235,167 +236,238 @@ def _circulant_norm(w: torch.Tensor, grid: Sequence[int], groups: int) -> torch.
     wt = w.permute(0, 3, 1, 2)
     if wt.shape[-2] > wt.shape[-1]:
         wt = wt.transpose(-2, -1)
-    wt = wt.contiguous()
-    neg = _neg_gram_per_frequency(wt, kq, grid)  # (F, groups, n, n) complex: -G(w)
-    lam = _max_gram_eigenvalue(neg.reshape(-1, neg.shape[-2], neg.shape[-1]))
+    lam = _max_gram_eigenvalue(_FrequencyGrams(wt.contiguous(), kq, grid))
     return torch.sqrt(lam) * torch.ldexp(torch.ones_like(lam), exp)
 
 
-def _neg_gram_per_frequency(
-    wt: torch.Tensor, kq: Sequence[int], grid: Sequence[int]
-) -> torch.Tensor:
-    """``-G(w)``, minus the Gram matrix ``G(w) = K(w) K(w)^H``, at the ``rfftn`` half of the
-    DFT grid (``G(-w)`` is its complex conjugate: the same eigenvalues), from the real
-    autocorrelation of the kernel.
+class _FrequencyGrams:
+    """The Gram matrices ``G(w) = K(w) K(w)^H`` of a kernel at the ``rfftn`` half of the DFT
+    grid (``G(-w)`` is the complex conjugate: the same eigenvalues), built on demand from the
+    real kernel autocorrelation, as ``-G`` (the sign the Cholesky tests want).
 
     ``K(w) = sum_t W_t e^{-i w.t}`` over the taps ``t``, so ``G(w) = sum_d B_d e^{-i w.d}`` with
     ``B_d = sum_{t - u = d} W_t W_u^T`` (real) and ``B_{-d} = B_d^T``: one GEMM per offset
-    ``d >= 0`` (about half of the tap pairs), then ``Re G = sum_d cos(w.d) (B_d + B_d^T)`` and
-    ``Im G = -sum_d sin(w.d) (B_d - B_d^T)`` (``d > 0``; ``B_0`` once) as one real matrix product
-    each. ``wt`` is ``(groups, T, n, m)`` with the taps in row-major order over ``kq``.
+    ``d >= 0`` (about half of the tap pairs). Then ``Re G = sum_d cos(w.d) S_d`` and
+    ``Im G = -sum_d sin(w.d) N_d`` with ``S_d = B_d + B_d^T`` (``S_0 = B_0``, symmetrised) and
+    ``N_d = B_d - B_d^T``, exactly symmetric / antisymmetric: one real GEMM for any set of
+    frequencies, written straight into the (re, im) layout of a complex tensor.
+
+    "The" matrix ``G*(w)`` below is that sum evaluated exactly from the stored ``S_d``, ``N_d``
+    and rounded ``cos``/``sin`` (exactly Hermitian); it differs from the true Gram matrix by the
+    float64 rounding of ``B_d`` and of the angles, the kind of rounding the reference computation
+    has too and ``FLOAT64_SLACK`` covers. A computed stack differs from ``G*`` entrywise by at
+    most ``(2D + 6) u T`` with ``T = sum_d |S_d| + |N_d|`` (a dot product of length ``2D`` with
+    coefficients of modulus <= 1, plus the conversions to the working precision), so in 2-norm
+    by at most ``err(u) = (2D + 6) u ||T||_F`` per group (``err32``, ``err64``).
     """
-    g, n_taps, n, m = wt.shape
-    taps = list(itertools.product(*(range(q) for q in kq)))
-    index = {t: i for i, t in enumerate(taps)}
-    pairs: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-    for t in taps:
-        for u in taps:
-            d = tuple(a - b for a, b in zip(t, u, strict=True))
-            if d >= (0,) * len(d):  # lexicographically non-negative offsets
-                pairs.setdefault(d, []).append((index[t], index[u]))
-    offsets = sorted(pairs)
-    sym, skew = [], []
-    for d in offsets:
-        ti = [a for a, _ in pairs[d]]
-        ui = [b for _, b in pairs[d]]
-        x = wt[:, ti].permute(0, 2, 1, 3).reshape(g, n, -1)
-        y = wt[:, ui].permute(0, 2, 1, 3).reshape(g, n, -1)
-        b = x @ y.transpose(-2, -1)
-        if any(d):
+
+    def __init__(self, wt: torch.Tensor, kq: Sequence[int], grid: Sequence[int]) -> None:
+        g, n_taps, n, _ = wt.shape
+        taps = list(itertools.product(*(range(q) for q in kq)))
+        index = {t: i for i, t in enumerate(taps)}
+        pairs: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        for t in taps:
+            for u in taps:
+                d = tuple(a - b for a, b in zip(t, u, strict=True))
+                if d >= (0,) * len(d):  # lexicographically non-negative offsets
+                    pairs.setdefault(d, []).append((index[t], index[u]))
+        offsets = sorted(pairs)
+        nd = len(offsets)
+        x = wt.new_zeros((2 * nd, g * n * n, 2))
+        for k, d in enumerate(offsets):
+            ti = [a for a, _ in pairs[d]]
+            ui = [b for _, b in pairs[d]]
+            left = wt[:, ti].permute(0, 2, 1, 3).reshape(g, n, -1)
+            right = wt[:, ui].permute(0, 2, 1, 3).reshape(g, n, -1)
+            b = left @ right.transpose(-2, -1)
             bt = b.transpose(-2, -1)
-            sym.append(b + bt)
-            skew.append(b - bt)
-        else:
-            sym.append(b)
-            skew.append(torch.zeros_like(b))
-    # Frequencies of the rfftn half grid, angles reduced exactly in integers: w.d = 2 pi frac.
-    axes = [torch.arange(mm, dtype=torch.int64) for mm in grid[:-1]]
-    axes.append(torch.arange(grid[-1] // 2 + 1, dtype=torch.int64))
-    if n_taps == 1:  # a 1x1 kernel (after space-to-depth): G(w) is the same at every w
-        axes = [a[:1] for a in axes]
-    freq = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
-    dmat = torch.tensor(offsets, dtype=torch.int64).reshape(-1, len(grid))
-    size = torch.tensor(list(grid), dtype=torch.int64)
-    turns = ((freq[:, None, :] * dmat[None, :, :]) % size).to(torch.float64) / size
-    angle = 2.0 * math.pi * turns.sum(-1)  # (F, D)
-    # One real GEMM straight into the interleaved (re, im) layout of a complex tensor: rows
-    # [S_d; N_d] with zeros in the other component, coefficients [-cos, sin] (the result is -G).
-    nd = len(offsets)
-    x = wt.new_zeros((2 * nd, g * n * n, 2))
-    x[:nd, :, 0] = torch.stack(sym, 0).reshape(nd, -1)
-    x[nd:, :, 1] = torch.stack(skew, 0).reshape(nd, -1)
-    coef = torch.cat([-torch.cos(angle), torch.sin(angle)], dim=1)
-    neg = coef @ x.reshape(2 * nd, -1)
-    return torch.view_as_complex(neg.reshape(-1, g, n, n, 2))
+            if any(d):
+                x[k, :, 0] = (b + bt).reshape(-1)
+                x[nd + k, :, 1] = (b - bt).reshape(-1)
+            else:
+                x[k, :, 0] = ((b + bt) * 0.5).reshape(-1)  # exactly symmetric
+        # Frequencies of the rfftn half grid; angles w.d = 2 pi frac reduced exactly in integers.
+        axes = [torch.arange(m, dtype=torch.int64) for m in grid[:-1]]
+        axes.append(torch.arange(grid[-1] // 2 + 1, dtype=torch.int64))
+        if n_taps == 1:  # a 1x1 kernel (after space-to-depth): G(w) is the same at every w
+            axes = [a[:1] for a in axes]
+        freq = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
+        dmat = torch.tensor(offsets, dtype=torch.int64).reshape(-1, len(grid))
+        size = torch.tensor(list(grid), dtype=torch.int64)
+        turns = ((freq[:, None, :] * dmat[None, :, :]) % size).to(torch.float64) / size
+        angle = 2.0 * math.pi * turns.sum(-1)  # (F, D)
+        # coefficients [-cos, sin] give -G
+        self.coef = torch.cat([-torch.cos(angle), torch.sin(angle)], dim=1)
+        self.x = x.reshape(2 * nd, -1)
+        self.groups, self.n, self.nf = g, n, freq.shape[0]
+        self.count = self.nf * g
+        t_sum = x.abs().sum(0).sum(-1).reshape(g, n, n)
+        t_fro = torch.linalg.vector_norm(t_sum, dim=(-2, -1)) * (1.0 + 1e-6)
+        self.err64 = (2 * nd + 6) * _U64 * t_fro  # (g,)
+        self.err32 = (2 * nd + 6) * _U32 * t_fro
+        self._x32: torch.Tensor | None = None
+
+    def neg(self, idx: torch.Tensor | None = None, single: bool = False) -> torch.Tensor:
+        """``-G`` of the matrices ``idx`` (frequency-major, group-minor; all when None), as a
+        contiguous complex128 (complex64 when ``single``) stack ``(k, n, n)``."""
+        g, n = self.groups, self.n
+        x = self.x
+        coef = self.coef
+        if single:
+            if self._x32 is None:
+                self._x32 = self.x.to(torch.float32)
+            x, coef = self._x32, coef.to(torch.float32)
+        if idx is None:
+            out = coef @ x
+            return torch.view_as_complex(out.reshape(-1, n, n, 2))
+        f, grp = idx // g, idx % g
+        uf, inv = torch.unique(f, return_inverse=True)
+        out = torch.view_as_complex((coef[uf] @ x).reshape(-1, g, n, n, 2))
+        return out[inv, grp]
 
 
-def _max_gram_eigenvalue(neg: torch.Tensor) -> torch.Tensor:
-    """Certified ``max_b lambda_max(G_b)`` of a stack of Hermitian PSD matrices, from above,
-    given ``neg = -G`` (overwritten).
+class _GramStack:
+    """An explicit stack of Hermitian matrices ``G`` in the interface of ``_FrequencyGrams``
+    (each its own group): ``G*`` is the stack itself, exact in float64, and its complex64
+    rounding is off by at most ``u32 ||G||_F``. For tests of ``_max_gram_eigenvalue``."""
 
-    Returns ``mu`` with every ``lambda_max(G_b) <= mu`` and ``mu <= (1 + eta) max_b
-    eigvalsh(G_b)[-1]`` (the plain maximum over all ``eigvalsh``, which the reference computes).
-    The argument is for the matrices ``G_b`` as stored (their own rounding is the one the
-    reference has too, covered by ``FLOAT64_SLACK``); only lower triangles are read, so "the
-    matrix" is the Hermitian matrix of the stored lower triangle throughout. ``u`` is the unit
-    roundoff of the precision at hand.
+    def __init__(self, gram: torch.Tensor) -> None:
+        self.gram = gram.to(torch.complex128)
+        self.count = self.groups = gram.shape[0]
+        self.n = gram.shape[-1]
+        fro = torch.linalg.vector_norm(torch.view_as_real(self.gram), dim=(-3, -2, -1))
+        self.err64 = torch.zeros_like(fro)
+        self.err32 = _U32 * fro * (1.0 + 1e-6)
 
-    1. Candidates: batched power iteration (complex64, 6 steps) gives a Rayleigh quotient per
-       matrix (an ESTIMATE, only used to choose); ``eigvalsh`` of the best two gives ``lam``,
-       and ``mu = lam (1 + eta)``. Every later step only has to show ``lambda_max(G_b) <= mu``
-       or compute ``lambda_max(G_b)`` by ``eigvalsh``.
-    2. A matrix with a diagonal entry ``G_ii > mu`` has ``lambda_max >= G_ii > mu``: it goes
-       to ``eigvalsh`` (step 5). Every other one has ``0 <= tr(G) <= n mu`` (up to rounding).
+    def neg(self, idx: torch.Tensor | None = None, single: bool = False) -> torch.Tensor:
+        out = -(self.gram if idx is None else self.gram[idx])
+        return out.to(torch.complex64) if single else out.clone()
+
+
+def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
+    """Certified ``max_b lambda_max(G*_b)`` over all frequencies and groups, from above.
+
+    Returns ``mu`` with every ``lambda_max(G*_b) <= mu`` and ``mu <= (1 + eta) max_b
+    eigvalsh(G_b)[-1]`` (the plain maximum over all ``eigvalsh``, which the reference computes)
+    up to ``err64``, ~1e-13 relative. ``G*`` is defined in ``_FrequencyGrams``, ``u`` is the
+    unit roundoff of the precision at hand; only lower triangles are read by LAPACK, so a
+    computed matrix means the Hermitian matrix of its lower triangle (within ``err`` of ``G*``
+    as well, ``T`` being symmetric).
+
+    1. Candidates: batched power iteration (complex64) gives a Rayleigh quotient per matrix
+       (an ESTIMATE, only used to choose); ``eigvalsh`` of the best two (float64, plus
+       ``err64``) gives ``lam``, and ``mu = lam (1 + eta)``. Every later step only shows
+       ``lambda_max(G*_b) <= mu``, or computes ``lambda_max(G_b)`` by ``eigvalsh``.
+    2. A matrix with a computed diagonal entry ``G_ii > mu`` is sent to ``eigvalsh``; every
+       other one has ``G_ii <= mu``, which bounds the rounding of the diagonal shifts below.
     3. Cholesky certificate (Rump, "Verification of positive definiteness", BIT 46, 2006): if
        the floating-point Cholesky factorisation of a Hermitian ``A`` runs to completion
        (``cholesky_ex`` info 0), the computed factor satisfies ``R^H R = A + E`` with
        ``|E| <= gamma |R^H||R|``, hence ``||E||_2 <= c tr(A)``, ``c = gamma / (1 - gamma)``,
        and ``A + E`` is positive definite, so ``lambda_min(A) > -c tr(A)``. We use
        ``gamma = 4 (n + 3) u`` (``gamma_{n+1}`` of the real analysis, doubled for complex
-       arithmetic and rounded up). With ``A = fl(s I - G)`` (the diagonal shift rounds by
-       ``<= u (s + G_ii) <= 2 u mu``) success proves
-       ``lambda_max(G) < s + c tr(A) + 2 u mu``; each matrix gets its own shift
-       ``s = mu - c (n mu - tr(G)) (1 + 1e-6) - margin`` and the right-hand side is checked
-       against ``mu`` after the fact, from the computed ``tr(A)``.
-    4. Screening in float32 first: ``A32 = fl32(A64)`` differs from ``A64`` by at most
-       ``u32 ||A64||_F`` in 2-norm (entrywise relative rounding), so a successful complex64
-       factorisation proves ``lambda_max(G) < s + c32 tr(A32) + u32 ||A64||_F + 2 u64 mu``
-       (with ``c32`` from ``u32``); that screen can only clear a matrix, the ones it does not
-       clear are factorised again in float64 with the smaller float64 margin.
-    5. Every matrix not cleared gets its own ``eigvalsh`` (of ``A64``: ``lambda_max(G) =
-       s - lambda_min(A64)`` up to the diagonal rounding ``2 u mu``, added), and ``mu`` is raised
-       to the largest of them where that is larger (cleared matrices stay below the old ``mu``).
+       arithmetic and rounded up). With ``A = fl(s I - G)`` (the shift rounds the diagonal by
+       ``<= u (s + |s - G_ii|) <= 3.1 u mu``) success proves ``lambda_max(G*) < s + c tr(A) +
+       3.1 u mu + err``; the shift ``s`` is chosen per matrix from its trace so that this is
+       below ``mu``, and the inequality is checked after the fact from the computed ``tr(A)``
+       (positive diagonal, summed in float64).
+    4. First in float32 (when ``32 <= n`` and ``c32 n <= 5%``): every matrix it clears is done.
+       Where more than two are left, the candidates were not the maximum: sharper estimates
+       of those left, ``eigvalsh`` of their best two, a larger ``mu``, and the float32 test
+       again on those left (a cleared matrix stays below any larger ``mu``).
+    5. The rest in float64 (built for those frequencies only); each failure gets its own
+       ``eigvalsh`` (of ``A``: ``lambda_max = s - lambda_min(A)``, plus the diagonal rounding
+       and ``err64``), and ``mu`` is raised to the largest of them where that is larger.
 
     ``eta`` is ``_CERT_ETA``, or 4 times the float64 margin where that is larger (``n`` above
     ~500), so that a candidate at the maximum itself passes step 3.
     """
-    n = neg.shape[-1]
-    nb = neg.shape[0]
-    u64, u32 = _U64, 2.0**-24
+    n, nb, g = grams.n, grams.count, grams.groups
+    u64, u32 = _U64, _U32
     c64 = 4.0 * (n + 3) * u64 / (1.0 - 4.0 * (n + 3) * u64)
     c32 = 4.0 * (n + 3) * u32 / (1.0 - 4.0 * (n + 3) * u32)
-    screen32 = n >= 32
-    neg32 = neg.to(torch.complex64) if screen32 else None
+    group = torch.arange(nb) % g
+    err64 = grams.err64[group]  # per matrix
+    err32 = grams.err32[group]
+    done = torch.zeros(nb, dtype=torch.bool)  # eigvalsh computed, or certified below mu
+
+    def exact(idx: torch.Tensor) -> torch.Tensor:
+        done[idx] = True
+        low = torch.linalg.eigvalsh(grams.neg(idx))[..., 0]
+        return (-low * (1.0 + 4 * u64) + err64[idx]).max()
+
+    screen32 = n >= 32 and c32 * n <= 0.05
+    neg32 = grams.neg(single=True) if screen32 else None
+    if neg32 is not None:
+        diag = -neg32.diagonal(dim1=-2, dim2=-1).real.to(torch.float64)
+        est = _rayleigh_estimates(neg32)
+    else:
+        neg64 = grams.neg()
+        diag = -neg64.diagonal(dim1=-2, dim2=-1).real
+        est = _rayleigh_estimates(neg64)
+    diag_max = diag.amax(-1)
+    trace = diag.sum(-1)
     # 1. candidates
-    est = _rayleigh_estimates(neg if neg32 is None else neg32)
-    best = torch.topk(est, min(nb, 2)).indices
-    lam = (-torch.linalg.eigvalsh(neg[best])[..., 0]).max().clamp_min(0.0)
-    eta = max(_CERT_ETA, 4.0 * (c64 * n + 4 * u64))
+    lam = exact(torch.topk(est, min(nb, 2)).indices).clamp_min(0.0)
+    if not bool(lam > 0):  # all-zero candidates: the plain computation
+        return torch.maximum(lam, exact(torch.arange(nb))).clamp_min(0.0)
+    eta = max(_CERT_ETA, 4.0 * (c64 * n + 20 * u64 + float(grams.err64.max() / lam)))
+    for rnd in range(6):
+        mu = lam * (1.0 + eta)
+        # 2. certain failures: eigvalsh, and start over with the larger maximum
+        wild = ~done & (diag_max > mu)
+        if bool(wild.any()):
+            lam = torch.maximum(lam, exact(torch.nonzero(wild).flatten()))
+            continue
+        if neg32 is None or bool(done.all()):
+            break
+        # 4. the float32 test of the rest, at a per-matrix shift s32
+        idx = torch.nonzero(~done).flatten()
+        if rnd == 0 and idx.numel() == nb:
+            a32 = neg32  # shifted in place: not needed afterwards
+        else:
+            a32 = grams.neg(idx, single=True)
+        tr_guess = (n * mu - trace[idx].clamp_min(0.0)) * 1.01 + 4 * n * u32 * mu
+        s32 = mu - c32 * tr_guess - 8 * u32 * mu - err32[idx]
+        a32.diagonal(dim1=-2, dim2=-1).real.add_(s32[:, None].to(torch.float32))
+        _, info32 = torch.linalg.cholesky_ex(a32)
+        tr_a = a32.diagonal(dim1=-2, dim2=-1).real.to(torch.float64).sum(-1).abs()
+        del a32
+        rhs = s32 + c32 * tr_a * (1.0 + 1e-6) + 3.2 * u32 * mu + err32[idx] + 8 * u64 * mu
+        cleared = (info32 == 0) & (rhs <= mu)
+        done[idx[cleared]] = True
+        left = idx[~cleared]
+        if left.numel() <= 2:
+            break
+        # many left: sharper estimates of those, and the best two of them
+        est[left] = _rayleigh_estimates(grams.neg(left, single=True), steps=16, block=2)
+        new = exact(left[torch.topk(est[left], 2).indices])
+        if not bool(new > lam):
+            break  # near-ties: the float64 test settles them
+        lam = new
     mu = lam * (1.0 + eta)
-    if not bool(mu > 0):  # all candidates are zero: the plain computation
-        return (-torch.linalg.eigvalsh(neg)[..., 0]).max().clamp_min(0.0)
-    diag = -neg.diagonal(dim1=-2, dim2=-1).real  # G_ii
-    trace = diag.sum(-1)  # tr(G_b), rounding <= n u tr
-    # 2. certain failures, and the candidates (already computed)
-    todo = torch.ones(nb, dtype=torch.bool)
-    todo[best] = False
-    wild = todo & (diag.amax(-1) > mu)
-    todo &= ~wild
-    # 3./4. per-matrix shifts: tr(A) <= n mu - tr(G) + 2 n u mu (trace clamped at >= 0)
-    tr_a = (n * mu - trace.clamp_min(0.0)) * (1.0 + 1e-6) + 4 * n * u64 * mu
-    shift = mu - c64 * tr_a - 4 * u64 * mu
-    if neg32 is not None and bool(todo.any()):
-        # float32 screen of every matrix (in place; the few that need no test are wasted work)
-        fro_guess = math.sqrt(n) * mu * 2.0
-        s32 = mu - c32 * tr_a * (1.0 + 1e-6) - u32 * fro_guess - 4 * u64 * mu
-        neg32.diagonal(dim1=-2, dim2=-1).real.add_(s32[:, None].to(torch.float32))
-        _, info32 = torch.linalg.cholesky_ex(neg32)
-        # a posteriori: tr(A64) and ||A64||_F of A64 = fl(s32 I - G), from diag(G), ||G||_F
-        a_diag = s32[:, None] - diag
-        tr64 = a_diag.sum(-1).abs() * (1.0 + 1e-6)
-        fro_g2 = torch.linalg.vector_norm(torch.view_as_real(neg), dim=(-3, -2, -1)) ** 2
-        off2 = (fro_g2 - (diag**2).sum(-1)).clamp_min(0.0) + 1e-6 * fro_g2
-        fro_a = torch.sqrt(off2 + (a_diag**2).sum(-1)) * (1.0 + 1e-6)
-        rhs = s32 + c32 * tr64 * (1.0 + 1e-6) + u32 * fro_a + 4 * u64 * mu
-        todo &= ~((info32 == 0) & (rhs <= mu))
-        del neg32
-    # the float64 factorisation of the rest
-    failed = wild.clone()
-    if bool(todo.any()):
-        idx = torch.nonzero(todo).flatten()
-        sub = neg if idx.numel() == nb else neg[idx]
-        sub.diagonal(dim1=-2, dim2=-1).real.add_(shift[idx, None])  # A64 = fl(s I - G)
-        _, info = torch.linalg.cholesky_ex(sub)
-        tr_done = sub.diagonal(dim1=-2, dim2=-1).real.sum(-1).abs() * (1.0 + 1e-6)
-        rhs = shift[idx] + c64 * tr_done + 4 * u64 * mu
-        bad = (info != 0) | (rhs > mu)
-        if bool(bad.any()):
-            low = torch.linalg.eigvalsh(sub[bad])[..., 0]
-            top = (shift[idx[bad]] - low) * (1.0 + 4 * u64) + 4 * u64 * mu
-            mu = torch.maximum(mu, top.max())
-    # 5. matrices that cannot pass (a diagonal entry above mu): eigvalsh of G itself
-    if bool(failed.any()):
-        top = -torch.linalg.eigvalsh(neg[failed])[..., 0]
+    # 5. the float64 test of the rest
+    if bool(done.all()):
+        return mu
+    idx = torch.nonzero(~done).flatten()
+    a64 = neg64[idx] if neg32 is None else grams.neg(idx)
+    d64 = -a64.diagonal(dim1=-2, dim2=-1).real
+    wild = d64.amax(-1) > mu
+    if bool(wild.any()):
+        mu = torch.maximum(mu, exact(idx[wild]))
+        idx, a64, d64 = idx[~wild], a64[~wild], d64[~wild]
+    if idx.numel() == 0:
+        return mu
+    tr_guess = (n * mu - d64.sum(-1).clamp_min(0.0)) * 1.01 + 4 * n * u64 * mu
+    shift = mu - c64 * tr_guess - 16 * u64 * mu - err64[idx]
+    a64.diagonal(dim1=-2, dim2=-1).real.add_(shift[:, None])
+    _, info = torch.linalg.cholesky_ex(a64)
+    tr_a = a64.diagonal(dim1=-2, dim2=-1).real.sum(-1).abs()
+    rhs = shift + c64 * tr_a * (1.0 + 1e-6) + 3.2 * u64 * mu + err64[idx] + 8 * u64 * mu
+    bad = (info != 0) | (rhs > mu)
+    if bool(bad.any()):
+        low = torch.linalg.eigvalsh(a64[bad])[..., 0]
+        top = (shift[bad] - low) * (1.0 + 4 * u64) + 3.2 * u64 * mu + err64[idx[bad]]
         mu = torch.maximum(mu, top.max())
     return mu
 
