@@ -371,7 +371,8 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
        3.1 u mu + err``; the shift ``s`` is chosen per matrix from its trace so that this is
        below ``mu``, and the inequality is checked after the fact from the computed ``tr(A)``
        (positive diagonal, summed in float64).
-    4. First in float32 (when ``32 <= n`` and ``c32 n <= 5%``): every matrix it clears is done.
+    4. First in float32 (when ``32 <= n``, ``c32 n <= 5%`` and ``err32 <= 1e-3 lam``, which
+       keeps the diagonal rounding below ``3.2 u32 mu``): every matrix it clears is done.
        Where more than two are left, the candidates were not the maximum: sharper estimates
        of those left, ``eigvalsh`` of their best two, a larger ``mu``, and the float32 test
        again on those left (a cleared matrix stays below any larger ``mu``).
@@ -398,6 +399,7 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
 
     screen32 = n >= 32 and c32 * n <= 0.05
     neg32 = grams.neg(single=True) if screen32 else None
+    neg64 = None
     if neg32 is not None:
         diag = -neg32.diagonal(dim1=-2, dim2=-1).real.to(torch.float64)
         est = _rayleigh_estimates(neg32)
@@ -412,6 +414,8 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
     if not bool(lam > 0):  # all-zero candidates: the plain computation
         return torch.maximum(lam, exact(torch.arange(nb))).clamp_min(0.0)
     eta = max(_CERT_ETA, 4.0 * (c64 * n + 20 * u64 + float(grams.err64.max() / lam)))
+    if neg32 is not None and not bool(grams.err32.max() <= 1e-3 * lam):
+        neg32 = None  # float32 rounding of the stack too large to screen with (3.2 u32 mu)
     for rnd in range(6):
         mu = lam * (1.0 + eta)
         # 2. certain failures: eigvalsh, and start over with the larger maximum
@@ -450,7 +454,7 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
     if bool(done.all()):
         return mu
     idx = torch.nonzero(~done).flatten()
-    a64 = neg64[idx] if neg32 is None else grams.neg(idx)
+    a64 = grams.neg(idx) if neg64 is None else neg64[idx]
     d64 = -a64.diagonal(dim1=-2, dim2=-1).real
     wild = d64.amax(-1) > mu
     if bool(wild.any()):
