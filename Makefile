@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= data
 export LIPMARGIN_DATA_DIR ?= $(abspath $(DATA_DIR))
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: setup data demo test lint bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,14 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 
+# Full benchmarks, one and two threads (slow: the plain-FFT reference of WRN-16-4 included);
+# rewrites the README performance section. bench-quick: a smoke run (under a minute, one
+# thread, results in benchmarks/results/quick/, README untouched). The tests run neither.
 bench: setup
 	$(PY) benchmarks/run_all.py $(if $(wildcard runs/mnist-lmt/last.safetensors),--run runs/mnist-lmt,)
+
+bench-quick: setup
+	$(PY) benchmarks/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info
