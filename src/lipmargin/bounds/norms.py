@@ -15,6 +15,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -354,7 +355,7 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
     computed matrix means the Hermitian matrix of its lower triangle (within ``err`` of ``G*``
     as well, ``T`` being symmetric).
 
-    1. Candidates: batched power iteration (complex64) gives a Rayleigh quotient per matrix
+    1. Candidates: batched Lanczos (complex64, 6 steps) gives a Ritz value per matrix
        (an ESTIMATE, only used to choose); ``eigvalsh`` of the best two (float64, plus
        ``err64``) gives ``lam``, and ``mu = lam (1 + eta)``. Every later step only shows
        ``lambda_max(G*_b) <= mu``, or computes ``lambda_max(G_b)`` by ``eigvalsh``.
@@ -362,7 +363,7 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
        other one has ``G_ii <= mu``, which bounds the rounding of the diagonal shifts below.
     3. Cholesky certificate (Rump, "Verification of positive definiteness", BIT 46, 2006): if
        the floating-point Cholesky factorisation of a Hermitian ``A`` runs to completion
-       (``cholesky_ex`` info 0), the computed factor satisfies ``R^H R = A + E`` with
+       (LAPACK ``?potrf`` info 0), the computed factor satisfies ``R^H R = A + E`` with
        ``|E| <= gamma |R^H||R|``, hence ``||E||_2 <= c tr(A)``, ``c = gamma / (1 - gamma)``,
        and ``A + E`` is positive definite, so ``lambda_min(A) > -c tr(A)``. We use
        ``gamma = 4 (n + 3) u`` (``gamma_{n+1}`` of the real analysis, doubled for complex
@@ -416,6 +417,7 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
     eta = max(_CERT_ETA, 4.0 * (c64 * n + 20 * u64 + float(grams.err64.max() / lam)))
     if neg32 is not None and not bool(grams.err32.max() <= 1e-3 * lam):
         neg32 = None  # float32 rounding of the stack too large to screen with (3.2 u32 mu)
+    left32 = left_idx = None
     for rnd in range(6):
         mu = lam * (1.0 + eta)
         # 2. certain failures: eigvalsh, and start over with the larger maximum
@@ -429,22 +431,26 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
         idx = torch.nonzero(~done).flatten()
         if rnd == 0 and idx.numel() == nb:
             a32 = neg32  # shifted in place: not needed afterwards
+        elif left32 is not None and left_idx is not None:
+            a32 = left32[~done[left_idx]]  # the float32 matrices of the last round's rest
         else:
             a32 = grams.neg(idx, single=True)
+        left32 = left_idx = None
         tr_guess = (n * mu - trace[idx].clamp_min(0.0)) * 1.01 + 4 * n * u32 * mu
         s32 = mu - c32 * tr_guess - 8 * u32 * mu - err32[idx]
         a32.diagonal(dim1=-2, dim2=-1).real.add_(s32[:, None].to(torch.float32))
-        _, info32 = torch.linalg.cholesky_ex(a32)
         tr_a = a32.diagonal(dim1=-2, dim2=-1).real.to(torch.float64).sum(-1).abs()
+        ok32 = _cholesky_succeeds(a32)
         del a32
         rhs = s32 + c32 * tr_a * (1.0 + 1e-6) + 3.2 * u32 * mu + err32[idx] + 8 * u64 * mu
-        cleared = (info32 == 0) & (rhs <= mu)
+        cleared = ok32 & (rhs <= mu)
         done[idx[cleared]] = True
         left = idx[~cleared]
         if left.numel() <= 2:
             break
         # many left: sharper estimates of those, and the best two of them
-        est[left] = _rayleigh_estimates(grams.neg(left, single=True), steps=16, block=2)
+        left32, left_idx = grams.neg(left, single=True), left
+        est[left] = _rayleigh_estimates(left32, steps=12)
         new = exact(left[torch.topk(est[left], 2).indices])
         if not bool(new > lam):
             break  # near-ties: the float64 test settles them
@@ -465,10 +471,10 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
     tr_guess = (n * mu - d64.sum(-1).clamp_min(0.0)) * 1.01 + 4 * n * u64 * mu
     shift = mu - c64 * tr_guess - 16 * u64 * mu - err64[idx]
     a64.diagonal(dim1=-2, dim2=-1).real.add_(shift[:, None])
-    _, info = torch.linalg.cholesky_ex(a64)
     tr_a = a64.diagonal(dim1=-2, dim2=-1).real.sum(-1).abs()
+    ok = _cholesky_succeeds(a64.clone())
     rhs = shift + c64 * tr_a * (1.0 + 1e-6) + 3.2 * u64 * mu + err64[idx] + 8 * u64 * mu
-    bad = (info != 0) | (rhs > mu)
+    bad = ~ok | (rhs > mu)
     if bool(bad.any()):
         low = torch.linalg.eigvalsh(a64[bad])[..., 0]
         top = (shift[bad] - low) * (1.0 + 4 * u64) + 3.2 * u64 * mu + err64[idx[bad]]
@@ -476,21 +482,55 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
     return mu
 
 
-def _rayleigh_estimates(neg: torch.Tensor, steps: int = 6, block: int = 1) -> torch.Tensor:
-    """Largest Rayleigh quotient of each ``G = -neg`` over ``block`` vectors after ``steps``
-    batched power-iteration steps (a lower ESTIMATE of its largest eigenvalue; only used to
-    choose candidates). ``G`` is PSD, so iterating with ``-G`` converges to the same vector."""
+def _cholesky_succeeds(a: torch.Tensor) -> torch.Tensor:
+    """Whether LAPACK's Cholesky factorisation (``?potrf``) runs to completion on each matrix
+    of a C-contiguous complex stack (overwritten: scratch). Per matrix, the factorisation reads
+    the upper triangle of the transpose, i.e. the lower triangle of the stored matrix (the
+    matrix factorised is the complex conjugate of the Hermitian matrix of the lower triangle:
+    the same eigenvalues). SciPy's LAPACK, in place, without the copy and the triangle clean-up
+    of ``torch.linalg.cholesky_ex``."""
+    from scipy.linalg import lapack
+
+    arr = a.resolve_conj().numpy()
+    potrf = lapack.cpotrf if arr.dtype == np.complex64 else lapack.zpotrf
+    ok = torch.zeros(arr.shape[0], dtype=torch.bool)
+    for i in range(arr.shape[0]):
+        _, info = potrf(arr[i].T, lower=0, clean=0, overwrite_a=1)
+        ok[i] = info == 0
+    return ok
+
+
+def _rayleigh_estimates(neg: torch.Tensor, steps: int = 6) -> torch.Tensor:
+    """Largest Ritz value of each ``G = -neg`` after ``steps`` batched Lanczos steps from a fixed
+    random start (a lower ESTIMATE of its largest eigenvalue, no reorthogonalisation; only used
+    to choose candidates)."""
     gen = torch.Generator().manual_seed(0)
-    shape = (*neg.shape[:-1], min(block, neg.shape[-1]))
+    nb, n = neg.shape[0], neg.shape[-1]
+    steps = max(1, min(steps, n))
     real = torch.float32 if neg.dtype == torch.complex64 else torch.float64
+    shape = (nb, n, 1)
     v = torch.complex(
         torch.randn(shape, generator=gen, dtype=real), torch.randn(shape, generator=gen, dtype=real)
     )
-    for _ in range(steps):
-        v = neg @ v
-        v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp_min(1e-30)
-    rq = -(v.conj() * (neg @ v)).sum(-2).real
-    return rq.amax(-1).to(torch.float64)
+    v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True)
+    v_prev = torch.zeros_like(v)
+    beta = torch.zeros(nb, dtype=real)
+    alphas, betas = [], []
+    for k in range(steps):
+        w = -(neg @ v)
+        alpha = (v.conj() * w).sum(dim=(-2, -1)).real
+        w = w - alpha[:, None, None] * v - beta[:, None, None] * v_prev
+        alphas.append(alpha)
+        if k == steps - 1:
+            break
+        beta = torch.linalg.vector_norm(w, dim=(-2, -1))
+        betas.append(beta)
+        v_prev, v = v, w / beta.clamp_min(1e-30)[:, None, None]
+    tri = torch.diag_embed(torch.stack(alphas, -1).to(torch.float64))
+    if betas:
+        off = torch.stack(betas, -1).to(torch.float64)
+        tri = tri + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    return torch.linalg.eigvalsh(tri)[..., -1]
 
 
 def conv_closed_form_bound(
