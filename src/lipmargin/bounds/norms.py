@@ -418,6 +418,7 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
     if neg32 is not None and not bool(grams.err32.max() <= 1e-3 * lam):
         neg32 = None  # float32 rounding of the stack too large to screen with (3.2 u32 mu)
     left32 = left_idx = None
+    by_cert = False  # whether any matrix was cleared by a certificate (not by eigvalsh)
     for rnd in range(6):
         mu = lam * (1.0 + eta)
         # 2. certain failures: eigvalsh, and start over with the larger maximum
@@ -444,6 +445,7 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
         del a32
         rhs = s32 + c32 * tr_a * (1.0 + 1e-6) + 3.2 * u32 * mu + err32[idx] + 8 * u64 * mu
         cleared = ok32 & (rhs <= mu)
+        by_cert = by_cert or bool(cleared.any())
         done[idx[cleared]] = True
         left = idx[~cleared]
         if left.numel() <= 2:
@@ -456,18 +458,19 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
             break  # near-ties: the float64 test settles them
         lam = new
     mu = lam * (1.0 + eta)
-    # 5. the float64 test of the rest
+    # 5. the float64 test of the rest (all done by eigvalsh, e.g. a 1x1 kernel: no eta)
     if bool(done.all()):
-        return mu
+        return mu if by_cert else lam
     idx = torch.nonzero(~done).flatten()
     a64 = grams.neg(idx) if neg64 is None else neg64[idx]
     d64 = -a64.diagonal(dim1=-2, dim2=-1).real
     wild = d64.amax(-1) > mu
     if bool(wild.any()):
-        mu = torch.maximum(mu, exact(idx[wild]))
+        lam = torch.maximum(lam, exact(idx[wild]))
+        mu = torch.maximum(mu, lam)
         idx, a64, d64 = idx[~wild], a64[~wild], d64[~wild]
     if idx.numel() == 0:
-        return mu
+        return mu if by_cert else lam
     tr_guess = (n * mu - d64.sum(-1).clamp_min(0.0)) * 1.01 + 4 * n * u64 * mu
     shift = mu - c64 * tr_guess - 16 * u64 * mu - err64[idx]
     a64.diagonal(dim1=-2, dim2=-1).real.add_(shift[:, None])
