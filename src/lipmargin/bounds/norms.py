@@ -209,6 +209,8 @@ def conv_fft_bound(
 _CERT_ETA = 1e-10
 _U64 = 2.0**-53
 _U32 = 2.0**-24
+#: Matrices per round whose largest eigenvalue is computed (``eigvalsh``) as candidates.
+_N_CANDIDATES = 2
 
 
 def _circulant_norm(w: torch.Tensor, grid: Sequence[int], groups: int) -> torch.Tensor:
@@ -411,7 +413,7 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
     diag_max = diag.amax(-1)
     trace = diag.sum(-1)
     # 1. candidates
-    lam = exact(torch.topk(est, min(nb, 2)).indices).clamp_min(0.0)
+    lam = exact(torch.topk(est, min(nb, _N_CANDIDATES)).indices).clamp_min(0.0)
     if not bool(lam > 0):  # all-zero candidates: the plain computation
         return torch.maximum(lam, exact(torch.arange(nb))).clamp_min(0.0)
     eta = max(_CERT_ETA, 4.0 * (c64 * n + 20 * u64 + float(grams.err64.max() / lam)))
@@ -453,7 +455,7 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
         # many left: sharper estimates of those, and the best two of them
         left32, left_idx = grams.neg(left, single=True), left
         est[left] = _rayleigh_estimates(left32, steps=12)
-        new = exact(left[torch.topk(est[left], 2).indices])
+        new = exact(left[torch.topk(est[left], _N_CANDIDATES).indices])
         if not bool(new > lam):
             break  # near-ties: the float64 test settles them
         lam = new
