@@ -37,9 +37,12 @@ def main() -> None:
     ap.add_argument("--run", help="a trained run folder for bench_bounds.py")
     ap.add_argument("--threads", type=int, nargs="+", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--readme-only", action="store_true", help="rebuild the README section from results/"
+    )
     args = ap.parse_args()
     threads = args.threads or ([1] if args.quick else [1, 2])
-    for t in threads:
+    for t in [] if args.readme_only else threads:
         env = dict(os.environ, OMP_NUM_THREADS=str(t), MKL_NUM_THREADS=str(t))
         for name, script in SCRIPTS.items():
             extra = []

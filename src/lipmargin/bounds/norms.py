@@ -184,16 +184,19 @@ def conv_fft_bound(
        groups.
 
     The maximum of step 4 is computed without an eigen-decomposition per frequency
-    (``_max_gram_eigenvalue``): the Gram matrices ``G(w) = K(w) K(w)^H`` (smaller side) come
-    from the real kernel autocorrelation and one DFT matrix product; the largest eigenvalue
-    ``lam`` is computed (``eigvalsh``) only at a few candidate frequencies; every other
-    frequency is PROVEN to satisfy ``G(w) < mu I`` with ``mu = lam (1 + eta)``, ``eta = 1e-10``
-    (more for very wide layers, see there), by a cheap upper bound below ``mu`` or by a
-    successful Cholesky factorisation of ``(mu - delta) I - G(w)`` whose margin ``delta``
-    covers its rounding (Rump's theorem); a frequency that fails both gets its own ``eigvalsh``.
-    The result is therefore at least the exact maximum (up to the float64 rounding that
-    ``FLOAT64_SLACK`` covers, as in the reference) and at most ``sqrt(1 + eta)`` above the plain
-    all-frequency computation ``_conv_fft_bound_reference``.
+    (``_max_gram_eigenvalue``, where the full argument is): the Gram matrices
+    ``G(w) = K(w) K(w)^H`` (smaller side) come from the real kernel autocorrelation and one DFT
+    matrix product (``_FrequencyGrams``); the largest eigenvalue ``lam`` is computed
+    (``eigvalsh``) only at a few candidate frequencies; every other frequency is PROVEN to
+    satisfy ``G(w) < mu I``, ``mu = lam (1 + eta)``, ``eta = 1e-11`` (more for layers wider than
+    ~120, 4.4e-11 at 256), by a successful Cholesky factorisation of ``s I - G(w)`` whose margin
+    ``mu - s`` covers the factorisation's rounding (Rump's theorem) and the rounding of
+    ``G(w)`` itself (a float32 screen first, float64 for what it leaves); a frequency that
+    fails gets its own ``eigvalsh``. The result is therefore never below the exact maximum (up
+    to the float64 rounding of the autocorrelation that ``FLOAT64_SLACK`` covers, as it covers
+    the FFT's in the reference) and at most ``sqrt(1 + eta)`` above the plain all-frequency
+    computation ``_conv_fft_bound_reference``. A 1x1 kernel (after space-to-depth) has one
+    matrix for every frequency: solved once, exactly as the reference.
 
     Computed in float64 and inflated by ``FLOAT64_SLACK``. Returns a 0-d float64 tensor.
     """
@@ -206,7 +209,7 @@ def conv_fft_bound(
 
 #: Relative excess ``eta`` of the certified maximum over the computed one (see
 #: ``_max_gram_eigenvalue``); the square root of ``1 + eta`` reaches the returned norm.
-_CERT_ETA = 1e-10
+_CERT_ETA = 1e-11
 _U64 = 2.0**-53
 _U32 = 2.0**-24
 #: Matrices per round whose largest eigenvalue is computed (``eigvalsh``) as candidates.
@@ -383,8 +386,10 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
        ``eigvalsh`` (of ``A``: ``lambda_max = s - lambda_min(A)``, plus the diagonal rounding
        and ``err64``), and ``mu`` is raised to the largest of them where that is larger.
 
-    ``eta`` is ``_CERT_ETA``, or 4 times the float64 margin where that is larger (``n`` above
-    ~500), so that a candidate at the maximum itself passes step 3.
+    ``eta`` is ``_CERT_ETA`` (1e-11), or 1.5 times the relative float64 margin ``c64 n`` where
+    that is larger (``n`` above ~120; 4.4e-11 at ``n = 256``, 6.6e-10 at ``n = 1024``), so that
+    a candidate at the maximum itself passes step 3. The norm is the square root: at most
+    ``eta / 2`` above the reference per layer.
     """
     n, nb, g = grams.n, grams.count, grams.groups
     u64, u32 = _U64, _U32
@@ -416,7 +421,7 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
     lam = exact(torch.topk(est, min(nb, _N_CANDIDATES)).indices).clamp_min(0.0)
     if not bool(lam > 0):  # all-zero candidates: the plain computation
         return torch.maximum(lam, exact(torch.arange(nb))).clamp_min(0.0)
-    eta = max(_CERT_ETA, 4.0 * (c64 * n + 20 * u64 + float(grams.err64.max() / lam)))
+    eta = max(_CERT_ETA, 1.5 * (c64 * n + 20 * u64 + float(grams.err64.max() / lam)))
     if neg32 is not None and not bool(grams.err32.max() <= 1e-3 * lam):
         neg32 = None  # float32 rounding of the stack too large to screen with (3.2 u32 mu)
     left32 = left_idx = None
