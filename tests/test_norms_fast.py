@@ -155,7 +155,13 @@ def test_max_gram_eigenvalue_is_certified_on_random_psd_stacks() -> None:
     whose top eigenvector is orthogonal to every start vector's large components is not
     constructible, so use tiny top gaps and many ties instead)."""
     g = seeded(11)
-    for n, nb, spread in [(40, 50, 1e-3), (64, 30, 1e-9), (33, 80, 0.0), (100, 8, 0.3)]:
+    for n, nb, spread in [
+        (40, 50, 1e-3),
+        (64, 30, 1e-9),
+        (33, 80, 0.0),
+        (100, 8, 0.3),
+        (160, 6, 1e-6),
+    ]:
         a = torch.randn((nb, n, n), generator=g, dtype=F64) + 1j * torch.randn(
             (nb, n, n), generator=g, dtype=F64
         )

@@ -497,8 +497,11 @@ def _cholesky_succeeds(a: torch.Tensor) -> torch.Tensor:
     of a C-contiguous complex stack (overwritten: scratch). Per matrix, the factorisation reads
     the upper triangle of the transpose, i.e. the lower triangle of the stored matrix (the
     matrix factorised is the complex conjugate of the Hermitian matrix of the lower triangle:
-    the same eigenvalues). SciPy's LAPACK, in place, without the copy and the triangle clean-up
-    of ``torch.linalg.cholesky_ex``."""
+    the same eigenvalues). From ``n = 128`` SciPy's LAPACK, in place, without the copy and the
+    triangle clean-up of ``torch.linalg.cholesky_ex`` (twice as fast there); below, torch's
+    batched call (which reads the lower triangle as well)."""
+    if a.shape[-1] < 128:  # small matrices: torch's batched call (parallel over the batch)
+        return torch.linalg.cholesky_ex(a)[1] == 0
     from scipy.linalg import lapack
 
     arr = a.resolve_conj().numpy()
