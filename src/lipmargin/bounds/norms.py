@@ -386,6 +386,8 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
        ``eigvalsh`` (of ``A``: ``lambda_max = s - lambda_min(A)``, plus the diagonal rounding
        and ``err64``), and ``mu`` is raised to the largest of them where that is larger.
 
+    Stacks of matrices of size ``n <= 16`` skip all this: ``eigvalsh`` of every one.
+
     ``eta`` is ``_CERT_ETA`` (1e-11), or 1.5 times the relative float64 margin ``c64 n`` where
     that is larger (``n`` above ~120; 4.4e-11 at ``n = 256``, 6.6e-10 at ``n = 1024``), so that
     a candidate at the maximum itself passes step 3. The norm is the square root: at most
@@ -405,6 +407,8 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
         low = torch.linalg.eigvalsh(grams.neg(idx))[..., 0]
         return (-low * (1.0 + 4 * u64) + err64[idx]).max()
 
+    if n <= 16:  # tiny matrices: eigvalsh of every one is cheaper than any screening
+        return exact(torch.arange(nb)).clamp_min(0.0)
     screen32 = n >= 32 and c32 * n <= 0.05
     neg32 = grams.neg(single=True) if screen32 else None
     neg64 = None
