@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= data
 export LIPMARGIN_DATA_DIR ?= $(abspath $(DATA_DIR))
 
-.PHONY: setup data demo test lint bench gpu-check clean
+.PHONY: setup data demo test lint bench bench-quick gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,12 +35,18 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 
+# Full benchmarks, one and two threads (slow: the plain-FFT reference of WRN-16-4 included);
+# rewrites the README performance section. bench-quick: a smoke run (under a minute, one
+# thread, results in benchmarks/results/quick/, README untouched). The tests run neither.
 bench: setup
 	$(PY) benchmarks/run_all.py $(if $(wildcard runs/mnist-lmt/last.safetensors),--run runs/mnist-lmt,)
 
 # on a CUDA machine: train tiny on the GPU, certify on GPU and CPU, compare; else "skipped"
 gpu-check: setup
 	PYTHON=$(PY) DATA_DIR=$(DATA_DIR) bash scripts/gpu_check.sh
+
+bench-quick: setup
+	$(PY) benchmarks/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -5,16 +5,14 @@ Two ways to certify a batch, both with the gradient self-check on 2 points per b
 the CLI do per batch: the bound is verified once per dataset), and
 ``certify(model, x, y, bound)`` with the ``LipschitzBound`` (verifies the model on every call:
 a fresh trace and a content digest of the weights). Goal (issue 4): ratio >= 0.95 for the
-first.
-Usage: python benchmarks/bench_certify.py [--repeats N]
+first. Each ratio: median (min-max) of the per-round ratios of interleaved repeats.
+Usage: python benchmarks/bench_certify.py [--threads N] [--quick] [--repeats N]
 """
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from _common import interleaved, write
+from _common import fmt, interleaved, parser, ratio, setup, summary, write
 
 from lipmargin import models
 from lipmargin.bounds import LipschitzBound
@@ -45,34 +43,35 @@ def measure(name: str, batch: int, shape: tuple[int, int, int], repeats: int) ->
     return {
         "model": name,
         "batch": batch,
-        "inference_s": t["inference"],
-        "certify_s": t["certify"],
-        "throughput_ratio": t["inference"] / t["certify"],
-        "verified_s": t["verified"],
-        "verified_ratio": t["inference"] / t["verified"],
+        "inference_s": summary(t["inference"]),
+        "certify_s": summary(t["certify"]),
+        "throughput_ratio": ratio(t["inference"], t["certify"]),
+        "verified_s": summary(t["verified"]),
+        "verified_ratio": ratio(t["inference"], t["verified"]),
     }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=30)
+    ap = parser(__doc__)
+    ap.add_argument("--repeats", type=int, default=None)
     args = ap.parse_args()
-    rows = [
-        measure("wong_kolter", 1000, (1, 28, 28), args.repeats),
-        measure("c6f2", 256, (3, 32, 32), max(5, args.repeats // 3)),
-    ]
+    setup(args)
+    reps = args.repeats or (6 if args.quick else 30)
+    rows = [measure("wong_kolter", 1000, (1, 28, 28), reps)]
+    rows.append(measure("c6f2", 64 if args.quick else 256, (3, 32, 32), max(3, reps // 3)))
     lines = [
-        "| model | batch | inference (img/s) | certification (img/s) | ratio | goal "
-        "| verifying the model per call (img/s) | ratio |",
+        "| model | batch | inference (img/s) | certification, bound reused (img/s) "
+        "| ratio, median (min-max) | goal | verifying the model per call (img/s) | ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        b = r["batch"]
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['batch'] / r['inference_s']:.0f} | "
-            f"{r['batch'] / r['certify_s']:.0f} | {r['throughput_ratio']:.3f} | >= 0.95 | "
-            f"{r['batch'] / r['verified_s']:.0f} | {r['verified_ratio']:.3f} |"
+            f"| {r['model']} | {b} | {b / r['inference_s']['median']:.0f} | "
+            f"{b / r['certify_s']['median']:.0f} | {fmt(r['throughput_ratio'])} | >= 0.95 | "
+            f"{b / r['verified_s']['median']:.0f} | {fmt(r['verified_ratio'])} |"
         )
-    write("certify_throughput", {"rows": rows}, "\n".join(lines))
+    write("certify_throughput", {"rows": rows}, "\n".join(lines), args)
 
 
 if __name__ == "__main__":

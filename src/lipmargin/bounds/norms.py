@@ -11,9 +11,11 @@ Three kinds of number live here, and every function says which one it returns:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -86,34 +88,15 @@ def conv_padding(
     return tuple((a, a) for a in p)
 
 
-def conv_fft_bound(
+def _space_to_depth_kernel(
     weight: torch.Tensor,
     input_size: Sequence[int],
-    stride: int | Sequence[int] = 1,
-    padding: int | str | Sequence[int] = 0,
-    dilation: int | Sequence[int] = 1,
-    groups: int = 1,
-) -> torch.Tensor:
-    """Guaranteed upper bound of the L2 operator norm of a zero-padded N-d convolution.
-
-    The convolution acts on inputs of spatial size ``input_size`` (its actual input shape,
-    paper Thm. 1 setting) with any stride, padding, dilation and groups.
-    Derivation (shared reference notes §2, "deterministic alternative"):
-
-    1. Zero padding embeds the input isometrically into a grid of size ``h + p_l + p_r``.
-    2. Stride ``s``: split every padded position ``s*q + r`` into phase ``r`` and coarse index
-       ``q`` (space-to-depth). This is a permutation (an isometry, after padding the grid with
-       zeros to a multiple of ``s``), and turns the strided convolution into a stride-1
-       convolution with ``C_in * prod(s)`` channels on a grid of size ``M = ceil((h+p)/s)``.
-    3. The stride-1 "valid" convolution on that grid reads only in-grid positions, so it is a
-       restriction (output selection) of the circular convolution on the ``M`` grid; its norm is
-       at most the circular one.
-    4. The circular convolution is block-diagonalised by the DFT: its norm is exactly the largest
-       singular value of the ``C_out x C_in`` matrix of kernel DFT coefficients over all
-       frequencies. Groups give a block-diagonal map, whose norm is the max over groups.
-
-    Computed in float64 and inflated by ``FLOAT64_SLACK``. Returns a 0-d float64 tensor.
-    """
+    stride: int | Sequence[int],
+    padding: int | str | Sequence[int],
+    dilation: int | Sequence[int],
+) -> tuple[torch.Tensor, list[int]]:
+    """Steps 1-2 of ``conv_fft_bound``: the float64 stride-1 kernel ``(C_out, C_in', q...)`` after
+    dilation and space-to-depth, and the circular grid size ``M`` it acts on."""
     w = weight.detach().to(torch.float64)
     nsp = w.dim() - 2
     if nsp < 1:
@@ -124,9 +107,6 @@ def conv_fft_bound(
     pads = conv_padding(padding, kernel, dil, stride_t)
     size = _as_tuple(tuple(input_size), nsp)
     c_out, cin_g = w.shape[0], w.shape[1]
-    if c_out % groups:
-        raise ValueError("out_channels must be divisible by groups")
-
     # Dilate the kernel: effective kernel with zeros between taps.
     eff = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dil, strict=True))
     if any(d != 1 for d in dil):
@@ -151,10 +131,423 @@ def conv_fft_bound(
     w = w.reshape(shape)
     perm = [0, 1] + [3 + 2 * i for i in range(nsp)] + [2 + 2 * i for i in range(nsp)]
     w = w.permute(perm).reshape(c_out, cin_g * math.prod(stride_t), *kq)
+    return w, grid
+
+
+def _conv_fft_bound_reference(
+    weight: torch.Tensor,
+    input_size: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | str | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """The plain form of ``conv_fft_bound`` (its steps 1-4): ``rfftn`` of the kernel and
+    ``eigvalsh`` of the Gram matrix at EVERY frequency. Same guarantee, ~10x slower on wide
+    layers; kept as the reference the fast path is tested against."""
+    w, grid = _space_to_depth_kernel(weight, input_size, stride, padding, dilation)
+    c_out = w.shape[0]
+    if c_out % groups:
+        raise ValueError("out_channels must be divisible by groups")
+    nsp = w.dim() - 2
     spec = torch.fft.rfftn(w, s=grid, dim=tuple(range(2, 2 + nsp)))
     # (c_out, cin', f...) -> (f, groups, c_out/g, cin')
     spec = spec.reshape(groups, c_out // groups, spec.shape[1], -1).permute(3, 0, 1, 2)
     return _inflate(top_singular_value(spec).max())
+
+
+def conv_fft_bound(
+    weight: torch.Tensor,
+    input_size: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | str | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """Guaranteed upper bound of the L2 operator norm of a zero-padded N-d convolution.
+
+    The convolution acts on inputs of spatial size ``input_size`` (its actual input shape,
+    paper Thm. 1 setting) with any stride, padding, dilation and groups.
+    Derivation (shared reference notes §2, "deterministic alternative"):
+
+    1. Zero padding embeds the input isometrically into a grid of size ``h + p_l + p_r``.
+    2. Stride ``s``: split every padded position ``s*q + r`` into phase ``r`` and coarse index
+       ``q`` (space-to-depth). This is a permutation (an isometry, after padding the grid with
+       zeros to a multiple of ``s``), and turns the strided convolution into a stride-1
+       convolution with ``C_in * prod(s)`` channels on a grid of size ``M = ceil((h+p)/s)``.
+    3. The stride-1 "valid" convolution on that grid reads only in-grid positions, so it is a
+       restriction (output selection) of the circular convolution on the ``M`` grid; its norm is
+       at most the circular one.
+    4. The circular convolution is block-diagonalised by the DFT: its norm is exactly the largest
+       singular value of the ``C_out x C_in`` matrix ``K(w)`` of kernel DFT coefficients over all
+       frequencies ``w`` of the grid. Groups give a block-diagonal map, whose norm is the max over
+       groups.
+
+    The maximum of step 4 is computed without an eigen-decomposition per frequency
+    (``_max_gram_eigenvalue``, where the full argument is): the Gram matrices
+    ``G(w) = K(w) K(w)^H`` (smaller side) come from the real kernel autocorrelation and one DFT
+    matrix product (``_FrequencyGrams``); the largest eigenvalue ``lam`` is computed
+    (``eigvalsh``) only at a few candidate frequencies; every other frequency is PROVEN to
+    satisfy ``G(w) < mu I``, ``mu = lam (1 + eta)``, ``eta = 1e-11`` (more for layers wider than
+    ~120, 4.4e-11 at 256), by a successful Cholesky factorisation of ``s I - G(w)`` whose margin
+    ``mu - s`` covers the factorisation's rounding (Rump's theorem) and the rounding of
+    ``G(w)`` itself (a float32 screen first, float64 for what it leaves); a frequency that
+    fails gets its own ``eigvalsh``. The result is therefore never below the exact maximum (up
+    to the float64 rounding of the autocorrelation that ``FLOAT64_SLACK`` covers, as it covers
+    the FFT's in the reference) and at most ``sqrt(1 + eta)`` above the plain all-frequency
+    computation ``_conv_fft_bound_reference``. A 1x1 kernel (after space-to-depth) has one
+    matrix for every frequency: solved once, exactly as the reference.
+
+    Computed in float64 and inflated by ``FLOAT64_SLACK``. Returns a 0-d float64 tensor.
+    """
+    w, grid = _space_to_depth_kernel(weight, input_size, stride, padding, dilation)
+    c_out = w.shape[0]
+    if c_out % groups:
+        raise ValueError("out_channels must be divisible by groups")
+    return _inflate(_circulant_norm(w, grid, groups))
+
+
+#: Relative excess ``eta`` of the certified maximum over the computed one (see
+#: ``_max_gram_eigenvalue``); the square root of ``1 + eta`` reaches the returned norm.
+_CERT_ETA = 1e-11
+_U64 = 2.0**-53
+_U32 = 2.0**-24
+#: Matrices per round whose largest eigenvalue is computed (``eigvalsh``) as candidates.
+_N_CANDIDATES = 2
+
+
+def _circulant_norm(w: torch.Tensor, grid: Sequence[int], groups: int) -> torch.Tensor:
+    """Norm (up to rounding and ``_CERT_ETA``) of the circular stride-1 convolution with kernel
+    ``w`` ``(C_out, C_in', q...)`` on ``grid``: ``max_w ||K(w)||_2`` over the DFT grid, per
+    group. Not inflated."""
+    kq = tuple(w.shape[2:])
+    c_out, cin = w.shape[0], w.shape[1]
+    top = w.abs().amax()
+    if not bool(top > 0):
+        return top.new_zeros(())
+    if not torch.isfinite(top):
+        return top.new_full((), math.inf)
+    # Exact power-of-two scaling: the largest entry in [0.5, 1); no rounding, no overflow.
+    _, exp = torch.frexp(top)
+    w = torch.ldexp(w, -exp)
+    # Input channels (of the space-to-depth kernel) that are zero in every group and tap are
+    # zero columns of every K(w): dropping them changes no singular value (a strided 1x1
+    # convolution keeps 1 phase in prod(s)).
+    w = w.reshape(groups, c_out // groups, cin, -1)
+    used = w.abs().amax(dim=(0, 1, 3)) > 0
+    if not bool(used.all()):
+        w = w[:, :, used]
+    # Taps as a leading axis: (groups, T, rows, cols), with rows the smaller side; K(w)^H K(w)
+    # and K(w) K(w)^H have the same non-zero eigenvalues.
+    wt = w.permute(0, 3, 1, 2)
+    if wt.shape[-2] > wt.shape[-1]:
+        wt = wt.transpose(-2, -1)
+    lam = _max_gram_eigenvalue(_FrequencyGrams(wt.contiguous(), kq, grid))
+    return torch.sqrt(lam) * torch.ldexp(torch.ones_like(lam), exp)
+
+
+class _FrequencyGrams:
+    """The Gram matrices ``G(w) = K(w) K(w)^H`` of a kernel at the ``rfftn`` half of the DFT
+    grid (``G(-w)`` is the complex conjugate: the same eigenvalues), built on demand from the
+    real kernel autocorrelation, as ``-G`` (the sign the Cholesky tests want).
+
+    ``K(w) = sum_t W_t e^{-i w.t}`` over the taps ``t``, so ``G(w) = sum_d B_d e^{-i w.d}`` with
+    ``B_d = sum_{t - u = d} W_t W_u^T`` (real) and ``B_{-d} = B_d^T``: one GEMM per offset
+    ``d >= 0`` (about half of the tap pairs). Then ``Re G = sum_d cos(w.d) S_d`` and
+    ``Im G = -sum_d sin(w.d) N_d`` with ``S_d = B_d + B_d^T`` (``S_0 = B_0``, symmetrised) and
+    ``N_d = B_d - B_d^T``, exactly symmetric / antisymmetric: one real GEMM for any set of
+    frequencies, written straight into the (re, im) layout of a complex tensor.
+
+    "The" matrix ``G*(w)`` below is that sum evaluated exactly from the stored ``S_d``, ``N_d``
+    and rounded ``cos``/``sin`` (exactly Hermitian); it differs from the true Gram matrix by the
+    float64 rounding of ``B_d`` and of the angles, the kind of rounding the reference computation
+    has too and ``FLOAT64_SLACK`` covers. A computed stack differs from ``G*`` entrywise by at
+    most ``(2D + 6) u T`` with ``T = sum_d |S_d| + |N_d|`` (a dot product of length ``2D`` with
+    coefficients of modulus <= 1, plus the conversions to the working precision), so in 2-norm
+    by at most ``err(u) = (2D + 6) u ||T||_F`` per group (``err32``, ``err64``).
+    """
+
+    def __init__(self, wt: torch.Tensor, kq: Sequence[int], grid: Sequence[int]) -> None:
+        g, n_taps, n, _ = wt.shape
+        taps = list(itertools.product(*(range(q) for q in kq)))
+        index = {t: i for i, t in enumerate(taps)}
+        pairs: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        for t in taps:
+            for u in taps:
+                d = tuple(a - b for a, b in zip(t, u, strict=True))
+                if d >= (0,) * len(d):  # lexicographically non-negative offsets
+                    pairs.setdefault(d, []).append((index[t], index[u]))
+        offsets = sorted(pairs)
+        nd = len(offsets)
+        x = wt.new_zeros((2 * nd, g * n * n, 2))
+        for k, d in enumerate(offsets):
+            ti = [a for a, _ in pairs[d]]
+            ui = [b for _, b in pairs[d]]
+            left = wt[:, ti].permute(0, 2, 1, 3).reshape(g, n, -1)
+            right = wt[:, ui].permute(0, 2, 1, 3).reshape(g, n, -1)
+            b = left @ right.transpose(-2, -1)
+            bt = b.transpose(-2, -1)
+            if any(d):
+                x[k, :, 0] = (b + bt).reshape(-1)
+                x[nd + k, :, 1] = (b - bt).reshape(-1)
+            else:
+                x[k, :, 0] = ((b + bt) * 0.5).reshape(-1)  # exactly symmetric
+        # Frequencies of the rfftn half grid; angles w.d = 2 pi frac reduced exactly in integers.
+        axes = [torch.arange(m, dtype=torch.int64) for m in grid[:-1]]
+        axes.append(torch.arange(grid[-1] // 2 + 1, dtype=torch.int64))
+        if n_taps == 1:  # a 1x1 kernel (after space-to-depth): G(w) is the same at every w
+            axes = [a[:1] for a in axes]
+        freq = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
+        dmat = torch.tensor(offsets, dtype=torch.int64).reshape(-1, len(grid))
+        size = torch.tensor(list(grid), dtype=torch.int64)
+        turns = ((freq[:, None, :] * dmat[None, :, :]) % size).to(torch.float64) / size
+        angle = 2.0 * math.pi * turns.sum(-1)  # (F, D)
+        # coefficients [-cos, sin] give -G
+        self.coef = torch.cat([-torch.cos(angle), torch.sin(angle)], dim=1)
+        self.x = x.reshape(2 * nd, -1)
+        self.groups, self.n, self.nf = g, n, freq.shape[0]
+        self.count = self.nf * g
+        t_sum = x.abs().sum(0).sum(-1).reshape(g, n, n)
+        t_fro = torch.linalg.vector_norm(t_sum, dim=(-2, -1)) * (1.0 + 1e-6)
+        self.err64 = (2 * nd + 6) * _U64 * t_fro  # (g,)
+        self.err32 = (2 * nd + 6) * _U32 * t_fro
+        self._x32: torch.Tensor | None = None
+
+    def neg(self, idx: torch.Tensor | None = None, single: bool = False) -> torch.Tensor:
+        """``-G`` of the matrices ``idx`` (frequency-major, group-minor; all when None), as a
+        contiguous complex128 (complex64 when ``single``) stack ``(k, n, n)``."""
+        g, n = self.groups, self.n
+        x = self.x
+        coef = self.coef
+        if single:
+            if self._x32 is None:
+                self._x32 = self.x.to(torch.float32)
+            x, coef = self._x32, coef.to(torch.float32)
+        if idx is None:
+            out = coef @ x
+            return torch.view_as_complex(out.reshape(-1, n, n, 2))
+        f, grp = idx // g, idx % g
+        uf, inv = torch.unique(f, return_inverse=True)
+        out = torch.view_as_complex((coef[uf] @ x).reshape(-1, g, n, n, 2))
+        return out[inv, grp]
+
+
+class _GramStack:
+    """An explicit stack of Hermitian matrices ``G`` in the interface of ``_FrequencyGrams``
+    (each its own group): ``G*`` is the stack itself, exact in float64, and its complex64
+    rounding is off by at most ``u32 ||G||_F``. For tests of ``_max_gram_eigenvalue``."""
+
+    def __init__(self, gram: torch.Tensor) -> None:
+        self.gram = gram.to(torch.complex128)
+        self.count = self.groups = gram.shape[0]
+        self.n = gram.shape[-1]
+        fro = torch.linalg.vector_norm(torch.view_as_real(self.gram), dim=(-3, -2, -1))
+        self.err64 = torch.zeros_like(fro)
+        self.err32 = _U32 * fro * (1.0 + 1e-6)
+
+    def neg(self, idx: torch.Tensor | None = None, single: bool = False) -> torch.Tensor:
+        out = -(self.gram if idx is None else self.gram[idx])
+        return out.to(torch.complex64) if single else out.clone()
+
+
+def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
+    """Certified ``max_b lambda_max(G*_b)`` over all frequencies and groups, from above.
+
+    Returns ``mu`` with every ``lambda_max(G*_b) <= mu`` and ``mu <= (1 + eta) max_b
+    eigvalsh(G_b)[-1]`` (the plain maximum over all ``eigvalsh``, which the reference computes)
+    up to ``err64``, ~1e-13 relative. ``G*`` is defined in ``_FrequencyGrams``, ``u`` is the
+    unit roundoff of the precision at hand; only lower triangles are read by LAPACK, so a
+    computed matrix means the Hermitian matrix of its lower triangle (within ``err`` of ``G*``
+    as well, ``T`` being symmetric).
+
+    1. Candidates: batched Lanczos (complex64, 6 steps) gives a Ritz value per matrix
+       (an ESTIMATE, only used to choose); ``eigvalsh`` of the best two (float64, plus
+       ``err64``) gives ``lam``, and ``mu = lam (1 + eta)``. Every later step only shows
+       ``lambda_max(G*_b) <= mu``, or computes ``lambda_max(G_b)`` by ``eigvalsh``.
+    2. A matrix with a computed diagonal entry ``G_ii > mu`` is sent to ``eigvalsh``; every
+       other one has ``G_ii <= mu``, which bounds the rounding of the diagonal shifts below.
+    3. Cholesky certificate (Rump, "Verification of positive definiteness", BIT 46, 2006): if
+       the floating-point Cholesky factorisation of a Hermitian ``A`` runs to completion
+       (LAPACK ``?potrf`` info 0), the computed factor satisfies ``R^H R = A + E`` with
+       ``|E| <= gamma |R^H||R|``, hence ``||E||_2 <= c tr(A)``, ``c = gamma / (1 - gamma)``,
+       and ``A + E`` is positive definite, so ``lambda_min(A) > -c tr(A)``. We use
+       ``gamma = 4 (n + 3) u`` (``gamma_{n+1}`` of the real analysis, doubled for complex
+       arithmetic and rounded up). With ``A = fl(s I - G)`` (the shift rounds the diagonal by
+       ``<= u (s + |s - G_ii|) <= 3.1 u mu``) success proves ``lambda_max(G*) < s + c tr(A) +
+       3.1 u mu + err``; the shift ``s`` is chosen per matrix from its trace so that this is
+       below ``mu``, and the inequality is checked after the fact from the computed ``tr(A)``
+       (positive diagonal, summed in float64).
+    4. First in float32 (when ``32 <= n``, ``c32 n <= 5%`` and ``err32 <= 1e-3 lam``, which
+       keeps the diagonal rounding below ``3.2 u32 mu``): every matrix it clears is done.
+       Where more than two are left, the candidates were not the maximum: sharper estimates
+       of those left, ``eigvalsh`` of their best two, a larger ``mu``, and the float32 test
+       again on those left (a cleared matrix stays below any larger ``mu``).
+    5. The rest in float64 (built for those frequencies only); each failure gets its own
+       ``eigvalsh`` (of ``A``: ``lambda_max = s - lambda_min(A)``, plus the diagonal rounding
+       and ``err64``), and ``mu`` is raised to the largest of them where that is larger.
+
+    Stacks of matrices of size ``n <= 16`` skip all this: ``eigvalsh`` of every one.
+
+    ``eta`` is ``_CERT_ETA`` (1e-11), or 1.5 times the relative float64 margin ``c64 n`` where
+    that is larger (``n`` above ~120; 4.4e-11 at ``n = 256``, 6.6e-10 at ``n = 1024``), so that
+    a candidate at the maximum itself passes step 3. The norm is the square root: at most
+    ``eta / 2`` above the reference per layer.
+    """
+    n, nb, g = grams.n, grams.count, grams.groups
+    u64, u32 = _U64, _U32
+    c64 = 4.0 * (n + 3) * u64 / (1.0 - 4.0 * (n + 3) * u64)
+    c32 = 4.0 * (n + 3) * u32 / (1.0 - 4.0 * (n + 3) * u32)
+    group = torch.arange(nb) % g
+    err64 = grams.err64[group]  # per matrix
+    err32 = grams.err32[group]
+    done = torch.zeros(nb, dtype=torch.bool)  # eigvalsh computed, or certified below mu
+
+    def exact(idx: torch.Tensor) -> torch.Tensor:
+        done[idx] = True
+        low = torch.linalg.eigvalsh(grams.neg(idx))[..., 0]
+        return (-low * (1.0 + 4 * u64) + err64[idx]).max()
+
+    if n <= 16:  # tiny matrices: eigvalsh of every one is cheaper than any screening
+        return exact(torch.arange(nb)).clamp_min(0.0)
+    screen32 = n >= 32 and c32 * n <= 0.05
+    neg32 = grams.neg(single=True) if screen32 else None
+    neg64 = None
+    if neg32 is not None:
+        diag = -neg32.diagonal(dim1=-2, dim2=-1).real.to(torch.float64)
+        est = _rayleigh_estimates(neg32)
+    else:
+        neg64 = grams.neg()
+        diag = -neg64.diagonal(dim1=-2, dim2=-1).real
+        est = _rayleigh_estimates(neg64)
+    diag_max = diag.amax(-1)
+    trace = diag.sum(-1)
+    # 1. candidates
+    lam = exact(torch.topk(est, min(nb, _N_CANDIDATES)).indices).clamp_min(0.0)
+    if not bool(lam > 0):  # all-zero candidates: the plain computation
+        return torch.maximum(lam, exact(torch.arange(nb))).clamp_min(0.0)
+    eta = max(_CERT_ETA, 1.5 * (c64 * n + 20 * u64 + float(grams.err64.max() / lam)))
+    if neg32 is not None and not bool(grams.err32.max() <= 1e-3 * lam):
+        neg32 = None  # float32 rounding of the stack too large to screen with (3.2 u32 mu)
+    left32 = left_idx = None
+    by_cert = False  # whether any matrix was cleared by a certificate (not by eigvalsh)
+    for rnd in range(6):
+        mu = lam * (1.0 + eta)
+        # 2. certain failures: eigvalsh, and start over with the larger maximum
+        wild = ~done & (diag_max > mu)
+        if bool(wild.any()):
+            lam = torch.maximum(lam, exact(torch.nonzero(wild).flatten()))
+            continue
+        if neg32 is None or bool(done.all()):
+            break
+        # 4. the float32 test of the rest, at a per-matrix shift s32
+        idx = torch.nonzero(~done).flatten()
+        if rnd == 0 and idx.numel() == nb:
+            a32 = neg32  # shifted in place: not needed afterwards
+        elif left32 is not None and left_idx is not None:
+            a32 = left32[~done[left_idx]]  # the float32 matrices of the last round's rest
+        else:
+            a32 = grams.neg(idx, single=True)
+        left32 = left_idx = None
+        tr_guess = (n * mu - trace[idx].clamp_min(0.0)) * 1.01 + 4 * n * u32 * mu
+        s32 = mu - c32 * tr_guess - 8 * u32 * mu - err32[idx]
+        a32.diagonal(dim1=-2, dim2=-1).real.add_(s32[:, None].to(torch.float32))
+        tr_a = a32.diagonal(dim1=-2, dim2=-1).real.to(torch.float64).sum(-1).abs()
+        ok32 = _cholesky_succeeds(a32)
+        del a32
+        rhs = s32 + c32 * tr_a * (1.0 + 1e-6) + 3.2 * u32 * mu + err32[idx] + 8 * u64 * mu
+        cleared = ok32 & (rhs <= mu)
+        by_cert = by_cert or bool(cleared.any())
+        done[idx[cleared]] = True
+        left = idx[~cleared]
+        if left.numel() <= 2:
+            break
+        # many left: sharper estimates of those, and the best two of them
+        left32, left_idx = grams.neg(left, single=True), left
+        est[left] = _rayleigh_estimates(left32, steps=12)
+        new = exact(left[torch.topk(est[left], _N_CANDIDATES).indices])
+        if not bool(new > lam):
+            break  # near-ties: the float64 test settles them
+        lam = new
+    mu = lam * (1.0 + eta)
+    # 5. the float64 test of the rest (all done by eigvalsh, e.g. a 1x1 kernel: no eta)
+    if bool(done.all()):
+        return mu if by_cert else lam
+    idx = torch.nonzero(~done).flatten()
+    a64 = grams.neg(idx) if neg64 is None else neg64[idx]
+    d64 = -a64.diagonal(dim1=-2, dim2=-1).real
+    wild = d64.amax(-1) > mu
+    if bool(wild.any()):
+        lam = torch.maximum(lam, exact(idx[wild]))
+        mu = torch.maximum(mu, lam)
+        idx, a64, d64 = idx[~wild], a64[~wild], d64[~wild]
+    if idx.numel() == 0:
+        return mu if by_cert else lam
+    tr_guess = (n * mu - d64.sum(-1).clamp_min(0.0)) * 1.01 + 4 * n * u64 * mu
+    shift = mu - c64 * tr_guess - 16 * u64 * mu - err64[idx]
+    a64.diagonal(dim1=-2, dim2=-1).real.add_(shift[:, None])
+    tr_a = a64.diagonal(dim1=-2, dim2=-1).real.sum(-1).abs()
+    ok = _cholesky_succeeds(a64.clone())
+    rhs = shift + c64 * tr_a * (1.0 + 1e-6) + 3.2 * u64 * mu + err64[idx] + 8 * u64 * mu
+    bad = ~ok | (rhs > mu)
+    if bool(bad.any()):
+        low = torch.linalg.eigvalsh(a64[bad])[..., 0]
+        top = (shift[bad] - low) * (1.0 + 4 * u64) + 3.2 * u64 * mu + err64[idx[bad]]
+        mu = torch.maximum(mu, top.max())
+    return mu
+
+
+def _cholesky_succeeds(a: torch.Tensor) -> torch.Tensor:
+    """Whether LAPACK's Cholesky factorisation (``?potrf``) runs to completion on each matrix
+    of a C-contiguous complex stack (overwritten: scratch). Per matrix, the factorisation reads
+    the upper triangle of the transpose, i.e. the lower triangle of the stored matrix (the
+    matrix factorised is the complex conjugate of the Hermitian matrix of the lower triangle:
+    the same eigenvalues). From ``n = 128`` SciPy's LAPACK, in place, without the copy and the
+    triangle clean-up of ``torch.linalg.cholesky_ex`` (twice as fast there); below, torch's
+    batched call (which reads the lower triangle as well)."""
+    if a.shape[-1] < 128:  # small matrices: torch's batched call (parallel over the batch)
+        return torch.linalg.cholesky_ex(a)[1] == 0
+    from scipy.linalg import lapack
+
+    arr = a.resolve_conj().numpy()
+    potrf = lapack.cpotrf if arr.dtype == np.complex64 else lapack.zpotrf
+    ok = torch.zeros(arr.shape[0], dtype=torch.bool)
+    for i in range(arr.shape[0]):
+        _, info = potrf(arr[i].T, lower=0, clean=0, overwrite_a=1)
+        ok[i] = info == 0
+    return ok
+
+
+def _rayleigh_estimates(neg: torch.Tensor, steps: int = 6) -> torch.Tensor:
+    """Largest Ritz value of each ``G = -neg`` after ``steps`` batched Lanczos steps from a fixed
+    random start (a lower ESTIMATE of its largest eigenvalue, no reorthogonalisation; only used
+    to choose candidates)."""
+    gen = torch.Generator().manual_seed(0)
+    nb, n = neg.shape[0], neg.shape[-1]
+    steps = max(1, min(steps, n))
+    real = torch.float32 if neg.dtype == torch.complex64 else torch.float64
+    shape = (nb, n, 1)
+    v = torch.complex(
+        torch.randn(shape, generator=gen, dtype=real), torch.randn(shape, generator=gen, dtype=real)
+    )
+    v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True)
+    v_prev = torch.zeros_like(v)
+    beta = torch.zeros(nb, dtype=real)
+    alphas, betas = [], []
+    for k in range(steps):
+        w = -(neg @ v)
+        alpha = (v.conj() * w).sum(dim=(-2, -1)).real
+        w = w - alpha[:, None, None] * v - beta[:, None, None] * v_prev
+        alphas.append(alpha)
+        if k == steps - 1:
+            break
+        beta = torch.linalg.vector_norm(w, dim=(-2, -1))
+        betas.append(beta)
+        v_prev, v = v, w / beta.clamp_min(1e-30)[:, None, None]
+    tri = torch.diag_embed(torch.stack(alphas, -1).to(torch.float64))
+    if betas:
+        off = torch.stack(betas, -1).to(torch.float64)
+        tri = tri + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    return torch.linalg.eigvalsh(tri)[..., -1]
 
 
 def conv_closed_form_bound(
