@@ -15,7 +15,7 @@ from torch import nn
 from fakedata import write_fake_mnist
 from lipmargin import cli, runs
 from lipmargin import train as train_module
-from lipmargin.bounds import LipschitzBound
+from lipmargin.bounds import LipschitzBound, observer
 from lipmargin.certify import certify
 from lipmargin.config import config_from_dict
 from lipmargin.errors import ConfigError, InputError
@@ -90,7 +90,7 @@ def test_device_option_reaches_the_model_and_every_batch(
         asked.append(str(device))
         out = real_load(path, device=device)
         out[0].register_forward_pre_hook(
-            lambda m, a: seen.append((a[0].device, next(m.parameters()).device))
+            observer(lambda m, a: seen.append((a[0].device, next(m.parameters()).device)))
         )
         return out
 

@@ -41,6 +41,15 @@ def _resolve(bound: LipschitzBound | CertifiedBound, allow_estimate: bool) -> Ce
     return cert
 
 
+def _check_same_model(model: nn.Module, bound: LipschitzBound | CertifiedBound) -> None:
+    """A ``LipschitzBound`` certifies the model it was built for, not another one."""
+    if isinstance(bound, LipschitzBound) and bound.model is not model:
+        raise InputError(
+            "the bound was built for another model: pass LipschitzBound(model, shape) of the "
+            "model you certify"
+        )
+
+
 def _check_batch(x: torch.Tensor, y: torch.Tensor, cert: CertifiedBound) -> None:
     """Refuse inputs the certificate does not cover: another shape than the bound's (convolution
     and pooling norms depend on the input size), half precision (the margin slack covers
@@ -91,6 +100,11 @@ def radii_from_logits(
     if not bool(torch.isfinite(z).all()):
         raise InputError("the logits are not finite: x contains NaN or infinite values")
     n, k = z.shape
+    if k < 2:
+        raise InputError(
+            "certificates need at least two logits (one per class); a single-logit binary "
+            "model can be certified as two logits (-z, z)"
+        )
     if n == 0:
         return torch.zeros(0, dtype=torch.float64)
     y = y.long()
@@ -139,6 +153,7 @@ def certify(
     about 100 float32 ulps) before division, to cover rounding in the forward pass. The model is
     evaluated in evaluation mode, which is the function the bound covers.
     """
+    _check_same_model(model, bound)
     cert = _resolve(bound, allow_estimate)
     _check_batch(x, y, cert)
     was_training = model.training
@@ -147,7 +162,7 @@ def certify(
         with torch.no_grad():
             logits = model(x)
         if cert.guaranteed:
-            check_gradients(model, x, cert, points=SELF_CHECK_POINTS)
+            check_gradients(model, x, cert, points=SELF_CHECK_POINTS, logits=logits)
     finally:
         model.train(was_training)
     return radii_from_logits(logits, y, cert, rtol=rtol)
@@ -207,6 +222,7 @@ def evaluate(
     rtol: float = MARGIN_RTOL,
 ) -> CertificationReport:
     """Certify every batch and summarise (clean and certified accuracy, median radius)."""
+    _check_same_model(model, bound)
     cert = _resolve(bound, allow_estimate=False)
     radii, correct = [], []
     was_training = model.training
@@ -216,7 +232,7 @@ def evaluate(
             _check_batch(xb, yb, cert)
             with torch.no_grad():
                 logits = model(xb)
-            check_gradients(model, xb, cert, points=SELF_CHECK_POINTS)
+            check_gradients(model, xb, cert, points=SELF_CHECK_POINTS, logits=logits)
             radii.append(radii_from_logits(logits, yb, cert, rtol=rtol).cpu())
             correct.append((logits.argmax(1) == yb.to(logits.device)).cpu())
     finally:

@@ -1,6 +1,13 @@
 """Guaranteed Lipschitz upper bounds of plain PyTorch models (paper §5)."""
 
-from .graph import CertifiedBound, LayerRow, LipmarginTracer, LipschitzBound, WalkContext
+from .graph import (
+    CertifiedBound,
+    LayerRow,
+    LipmarginTracer,
+    LipschitzBound,
+    WalkContext,
+    observer,
+)
 from .registry import register_function, register_method, register_module
 
 __all__ = [
@@ -9,6 +16,7 @@ __all__ = [
     "LipmarginTracer",
     "LipschitzBound",
     "WalkContext",
+    "observer",
     "register_function",
     "register_method",
     "register_module",

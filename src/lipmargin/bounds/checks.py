@@ -81,7 +81,9 @@ class _FunctionalRun(torch.fx.Interpreter):
             return getattr(self, n.op)(n.target, args, kwargs)
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        return self.fetch_attr(str(target)).forward(*args, **kwargs)
+        module = self.fetch_attr(str(target))
+        # the class's forward: a forward patched onto the instance must show up as a difference
+        return type(module).forward(module, *args, **kwargs)
 
 
 class _MutationRun(torch.fx.Interpreter):
@@ -202,7 +204,10 @@ def check_jacobians(
     with eval_mode(model), torch.enable_grad():
         z = model(xs)
         if not z.requires_grad:
-            return
+            raise CertificationError(
+                "the model's forward returns logits without gradients (torch.no_grad or "
+                "detach inside forward?): the Jacobian self-check cannot run, no certificate"
+            )
         n, k = z.shape
         rows = []
         for c in range(k):
@@ -241,9 +246,14 @@ def check_gradients(
     points: int = 4,
     rtol: float = GRADIENT_RTOL,
     seed: int = 0,
+    logits: torch.Tensor | None = None,
 ) -> None:
     """Raise ``CertificationError`` if an input-gradient norm at one of the first ``points``
     rows of ``x`` exceeds the certified constant it must respect.
+
+    With ``logits`` (the model's output on the whole batch ``x``), the first rows recomputed
+    alone must equal them: an output that depends on the batch size is refused. A forward that
+    disables gradients (``torch.no_grad`` inside) is refused: the check could not run.
 
     With a pairwise bound (the constants radii use, paper Prop. 2): at each point the gradient
     of ``F_t - F_i`` for the top class ``t`` against the runner-up (even rows) or against the
@@ -259,8 +269,19 @@ def check_gradients(
     xs = x[:points].detach().clone().requires_grad_(True)
     with eval_mode(model), torch.enable_grad():
         z = model(xs)
+        if logits is not None:
+            ref = logits[: xs.shape[0]].detach().to(z.dtype)
+            if not _same(z.detach(), ref, _tolerance(ref, 1e-4)):
+                raise CertificationError(
+                    "the logits of the first examples change with the batch they are computed "
+                    f"in (max difference {_max_diff(z.detach(), ref):.3g}): per-example "
+                    "certificates need a per-example function"
+                )
         if not z.requires_grad:
-            return  # constant logits: nothing to check
+            raise CertificationError(
+                "the model's forward returns logits without gradients (torch.no_grad or "
+                "detach inside forward?): the gradient self-check cannot run, no certificate"
+            )
         n, k = z.shape
         if cert.pairwise is not None and k >= 2:
             pw = cert.pairwise.to(z.device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import numbers
 import operator
 import re
 import weakref
@@ -394,11 +395,14 @@ class LipschitzBound(nn.Module):
                 graph = LipmarginTracer().trace(checks.traceable(self.model))
             except Exception as exc:  # torch.fx raises many types
                 raise UnsupportedOperationError(_trace_failure(exc)) from exc
+        _check_hooks(self.model)
         modules = tuple(
-            (name, id(m), type(m), tuple(map(id, m._forward_hooks.values())))
+            (name, id(m), type(m), id(vars(m).get("forward")))
+            + tuple(map(id, m._forward_hooks.values()))
             + tuple(map(id, m._forward_pre_hooks.values()))
             for name, m in self.model.named_modules()
         )
+        modules += (tuple(map(id, _global_hooks())),)
         root = checks.traceable(self.model)
         attrs = tuple(
             id(_getattr_path(root, str(n.target))) for n in graph.nodes if n.op == "get_attr"
@@ -526,11 +530,13 @@ class LipschitzBound(nn.Module):
             # weight of lipmargin.layers.NormalizedLinear): Prop. 2 applies to it too
             weight = _call_arg(arg, 1, "weight")
             inp = _call_arg(arg, 0, "input")
+            bias = _call_arg(arg, 2, "bias")
             if (
                 isinstance(weight, torch.fx.Node)
                 and not self._depends[weight.name]
                 and isinstance(inp, torch.fx.Node)
                 and self._depends[inp.name]
+                and not (isinstance(bias, torch.fx.Node) and self._depends[bias.name])
             ):
                 self._head = arg
 
@@ -724,6 +730,11 @@ class LipschitzBound(nn.Module):
         what = ""
         if node.op == "call_module":
             m = self._graph_module.get_submodule(str(node.target))
+            if "forward" in vars(m):
+                raise UnsupportedOperationError(
+                    f"graph node {node.name!r}: module {node.target!r} has a forward patched onto "
+                    f"the instance; the rule of {type(m).__name__} does not describe it"
+                )
             rule = find_module_rule(m)
             what = f"module {type(m).__module__}.{type(m).__qualname__}"
         elif node.op == "call_function":
@@ -916,10 +927,67 @@ def _safe_norm(diff: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, torch.zeros_like(sq), torch.sqrt(safe)) * scale
 
 
-def _is_simple(v: Any) -> bool:
-    if isinstance(v, (bool, int, float, str, type(None))):
+def _is_simple(v: Any, depth: int = 0) -> bool:
+    """Plain data whose ``repr`` shows its value: numbers (numpy scalars too), strings, None,
+    and lists / tuples / dicts of them (a pooling size list edited in place changes it)."""
+    if isinstance(v, (numbers.Number, str, type(None), torch.dtype)):
         return True
-    return isinstance(v, tuple) and all(isinstance(a, (bool, int, float, str)) for a in v)
+    if depth > 3:
+        return False
+    if isinstance(v, (tuple, list)):
+        return all(_is_simple(a, depth + 1) for a in v)
+    if isinstance(v, dict):
+        return all(_is_simple(k, depth + 1) and _is_simple(a, depth + 1) for k, a in v.items())
+    return False
+
+
+#: forward (pre-)hooks that only recompute a weight from parameters before the forward (legacy
+#: ``torch.nn.utils.weight_norm`` / ``spectral_norm``); the bound reads the recomputed weight
+_WEIGHT_HOOKS = ("WeightNorm", "SpectralNorm")
+
+
+def observer(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a forward (pre-)hook that only observes (logs, records activations) so that a model
+    carrying it can be certified: the wrapper refuses, at run time, any return value (a value
+    would replace the module's input or output). Hooks that modify tensors in place are not
+    observers."""
+
+    def wrapped(*args: Any) -> None:
+        if hook(*args) is not None:
+            raise UnsupportedOperationError(
+                "a hook wrapped in lipmargin.bounds.observer returned a value: it changes what "
+                "the module computes"
+            )
+
+    wrapped._lipmargin_observer = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _global_hooks() -> list[Any]:
+    mod = torch.nn.modules.module
+    hooks = [*mod._global_forward_hooks.values(), *mod._global_forward_pre_hooks.values()]
+    return [h for h in hooks if h is not _batch_variance_hook]
+
+
+def _check_hooks(model: nn.Module) -> None:
+    """Forward hooks change what a module computes in ways no rule sees (a hook may act only
+    on some inputs, where no check looks): refused, except the weight-recomputing pre-hooks of
+    legacy weight_norm / spectral_norm."""
+    if _global_hooks():
+        raise UnsupportedOperationError(
+            "a global module forward hook is registered (torch.nn.modules.module."
+            "register_module_forward_hook): it changes what every module computes; remove it "
+            "to certify"
+        )
+    for name, m in model.named_modules():
+        hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+        for h in hooks:
+            if type(h).__name__ not in _WEIGHT_HOOKS and not getattr(h, "_lipmargin_observer", 0):
+                raise UnsupportedOperationError(
+                    f"module {name or 'model'!r} has a forward hook ({getattr(h, '__name__', h)}): "
+                    "hooks change what the module computes and no rule covers them; remove it, "
+                    "or wrap a hook that only observes in lipmargin.bounds.observer"
+                )
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,12 @@ def _scaled(factor: float, kind: str):
         return _first(ctx, node) * factor
 
     return rule
+
+
+def sqrt_up(n: float) -> float:
+    """``sqrt(n)`` rounded UP (a relative 1e-12): factors built from square roots of window or
+    copy counts stay upper bounds in floating point."""
+    return math.sqrt(n) * (1.0 + 1e-12)
 
 
 def _cached(ctx: WalkContext, node: Node, compute) -> float:

@@ -13,7 +13,7 @@ from torch.fx import Node
 
 from ...errors import UnsupportedOperationError
 from ..registry import register_function, register_method
-from ._common import _args, _first
+from ._common import _args, _first, sqrt_up
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..graph import WalkContext
@@ -26,7 +26,7 @@ def _copies(ctx: WalkContext, node: Node, arg: Any) -> float:
     if not isinstance(arg, Node):
         return 1.0
     n_in, n_out = math.prod(ctx.shape(arg)), math.prod(ctx.shape(node))
-    return math.sqrt(n_out / n_in) if n_out > n_in else 1.0
+    return sqrt_up(n_out / n_in) if n_out > n_in else 1.0
 
 
 def _abs_max(value: Any) -> float:
@@ -102,7 +102,7 @@ def cat(ctx: WalkContext, node: Node) -> torch.Tensor:
     tensors = node.args[0] if node.args else node.kwargs["tensors"]
     if isinstance(tensors, Node):  # a tuple node (x.chunk(...)): each part is L(source)
         bound = ctx.L(tensors)
-        return bound * math.sqrt(len(ctx.shape(tensors)))
+        return bound * sqrt_up(len(ctx.shape(tensors)))
     bounds = ctx.L_all(tensors)
     # scaled by the largest, so that tiny bounds do not underflow to 0 when squared
     top = bounds[0]
@@ -129,7 +129,7 @@ def _reduced_count(ctx: WalkContext, node: Node) -> int:
 @register_method("mean")
 def mean(ctx: WalkContext, node: Node) -> torch.Tensor:
     """Mean of n entries: ``(sum d / n)^2 <= sum d^2 / n`` (Cauchy-Schwarz), factor 1/sqrt(n)."""
-    f = 1.0 / math.sqrt(_reduced_count(ctx, node))
+    f = (1.0 + 1e-12) / math.sqrt(_reduced_count(ctx, node))
     ctx.record(node, "mean", f)
     return _first(ctx, node) * f
 
@@ -138,7 +138,7 @@ def mean(ctx: WalkContext, node: Node) -> torch.Tensor:
 @register_method("sum")
 def total(ctx: WalkContext, node: Node) -> torch.Tensor:
     """Sum of n entries: factor sqrt(n) (Cauchy-Schwarz)."""
-    f = math.sqrt(_reduced_count(ctx, node))
+    f = sqrt_up(_reduced_count(ctx, node))
     ctx.record(node, "sum", f)
     return _first(ctx, node) * f
 

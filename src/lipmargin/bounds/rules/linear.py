@@ -188,9 +188,11 @@ def _linear_weight_grad(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 @register_function(F.linear)
 def linear_function(ctx: WalkContext, node: Node) -> torch.Tensor:
-    a = _args(ctx, node, ["input", "weight", "bias"], {})
-    if ctx.L(a["weight"]) is not None:
-        raise UnsupportedOperationError(f"node {node.name!r}: weight depends on the input")
+    a = _args(ctx, node, ["input", "weight", "bias"], {"bias": None})
+    if ctx.L(a["weight"]) is not None or ctx.L(a["bias"]) is not None:
+        raise UnsupportedOperationError(
+            f"node {node.name!r}: F.linear with a weight or bias that depends on the input"
+        )
     w = ctx.tensor(ctx.value(a["weight"]))
     shape = ctx.shape(a["input"])
     op = LinearOperator(
@@ -202,9 +204,12 @@ def linear_function(ctx: WalkContext, node: Node) -> torch.Tensor:
 @register_function(F.conv1d, F.conv2d, F.conv3d)
 def conv_function(ctx: WalkContext, node: Node) -> torch.Tensor:
     names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
-    a = _args(ctx, node, names, {"stride": 1, "padding": 0, "dilation": 1, "groups": 1})
-    if ctx.L(a["weight"]) is not None:
-        raise UnsupportedOperationError(f"node {node.name!r}: weight depends on the input")
+    defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "bias": None}
+    a = _args(ctx, node, names, defaults)
+    if ctx.L(a["weight"]) is not None or ctx.L(a["bias"]) is not None:
+        raise UnsupportedOperationError(
+            f"node {node.name!r}: a convolution whose weight or bias depends on the input"
+        )
     w = ctx.tensor(ctx.value(a["weight"]))
     params = {k: a[k] for k in ("stride", "padding", "dilation", "groups")}
     shape = ctx.shape(a["input"])

@@ -13,7 +13,7 @@ from torch.fx import Node
 
 from .. import norms
 from ..registry import register_function, register_module
-from ._common import _args, _cached, _first
+from ._common import _args, _cached, _first, sqrt_up
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..graph import WalkContext
@@ -36,16 +36,34 @@ def max_pool_windows(kernel, stride, dilation, out_size) -> int:
     )
 
 
-def _max_pool(ctx: WalkContext, node: Node, params: dict[str, Any]) -> torch.Tensor:
+_POOL_DIMS = {
+    nn.MaxPool1d: 1,
+    nn.MaxPool2d: 2,
+    nn.MaxPool3d: 3,
+    F.max_pool1d: 1,
+    F.max_pool2d: 2,
+    F.max_pool3d: 3,
+    nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2,
+    nn.AdaptiveMaxPool3d: 3,
+}
+
+
+def _spatial(shape: tuple[int, ...], nsp: int) -> tuple[int, ...]:
+    """The last ``nsp`` axes: the pooled ones. Torch also accepts inputs without a channel axis
+    (its unbatched layout), where the first non-batch axis is pooled too."""
+    return tuple(shape[-nsp:])
+
+
+def _max_pool(ctx: WalkContext, node: Node, params: dict[str, Any], nsp: int) -> torch.Tensor:
     out = ctx.shape(node)
     if isinstance(out, tuple) and out and isinstance(out[0], tuple):
         out = out[0]  # return_indices=True
-    nsp = len(out) - 1
     k = _tuple(params["kernel_size"], nsp)
     s = _tuple(params["stride"] or params["kernel_size"], nsp)
     d = _tuple(params.get("dilation", 1), nsp)
-    n = max_pool_windows(k, s, d, out[1:])
-    f = math.sqrt(n)
+    n = max_pool_windows(k, s, d, _spatial(out, nsp))
+    f = sqrt_up(n)
     ctx.record(node, "max_pool", f)
     return _first(ctx, node) * f
 
@@ -53,15 +71,15 @@ def _max_pool(ctx: WalkContext, node: Node, params: dict[str, Any]) -> torch.Ten
 @register_module(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 def max_pool_module(ctx: WalkContext, node: Node) -> torch.Tensor:
     m = ctx.module(node)
-    return _max_pool(
-        ctx, node, {"kernel_size": m.kernel_size, "stride": m.stride, "dilation": m.dilation}
-    )
+    params = {"kernel_size": m.kernel_size, "stride": m.stride, "dilation": m.dilation}
+    return _max_pool(ctx, node, params, _POOL_DIMS[type(m)])
 
 
 @register_function(F.max_pool1d, F.max_pool2d, F.max_pool3d)
 def max_pool_function(ctx: WalkContext, node: Node) -> torch.Tensor:
     names = ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
-    return _max_pool(ctx, node, _args(ctx, node, names, {"stride": None, "dilation": 1}))
+    params = _args(ctx, node, names, {"stride": None, "dilation": 1})
+    return _max_pool(ctx, node, params, _POOL_DIMS[node.target])
 
 
 def adaptive_windows(size: int, out: int) -> int:
@@ -79,7 +97,9 @@ def adaptive_max_pool(ctx: WalkContext, node: Node) -> torch.Tensor:
     inp, out = ctx.in_shape(node), ctx.shape(node)
     if isinstance(out[0], tuple):
         out = out[0]
-    f = math.sqrt(math.prod(adaptive_windows(h, o) for h, o in zip(inp[1:], out[1:], strict=True)))
+    nsp = _POOL_DIMS[type(ctx.module(node))]
+    pairs = zip(_spatial(inp, nsp), _spatial(out, nsp), strict=True)
+    f = sqrt_up(math.prod(adaptive_windows(h, o) for h, o in pairs))
     ctx.record(node, "adaptive_max_pool", f)
     return _first(ctx, node) * f
 

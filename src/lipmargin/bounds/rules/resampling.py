@@ -15,7 +15,7 @@ from torch.fx import Node
 from ...errors import UnsupportedOperationError
 from .. import norms
 from ..registry import register_function, register_method, register_module
-from ._common import _args, _cached, _first
+from ._common import _args, _cached, _first, sqrt_up
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..graph import WalkContext
@@ -120,7 +120,7 @@ def tensor_unfold(ctx: WalkContext, node: Node) -> torch.Tensor:
     if dim == 0:
         raise UnsupportedOperationError(f"node {node.name!r}: unfold over the batch dimension")
     c = window_copies(full[dim], int(a["size"]), int(a["step"]))
-    f = math.sqrt(max(c, 1))
+    f = sqrt_up(max(c, 1))
     ctx.record(node, "unfold", f)
     return _first(ctx, node) * f
 
@@ -133,7 +133,7 @@ def _im2col(ctx: WalkContext, node: Node, kernel, dilation, padding, stride) -> 
     shape = ctx.in_shape(node)
     nsp = len(shape) - 1
     k, d, p, s = (norms._as_tuple(v, nsp) for v in (kernel, dilation, padding, stride))
-    f = math.sqrt(
+    f = sqrt_up(
         max(
             1,
             math.prod(window_copies(h, *t) for h, *t in zip(shape[1:], k, s, p, d, strict=True)),

@@ -48,7 +48,6 @@ register_function(
     torch.unbind,
 )(identity)
 register_method(
-    "view",
     "reshape",
     "flatten",
     "permute",
@@ -63,6 +62,17 @@ register_method(
     "unbind",
     "float",
 )(identity)
+
+
+@register_method("view")
+def view(ctx: WalkContext, node: Node) -> torch.Tensor:
+    """``x.view(shape)`` is a reshape (1-Lipschitz); ``x.view(dtype)`` reinterprets the bits
+    (e.g. float32 as int32): not Lipschitz, refused."""
+    if any(isinstance(a, torch.dtype) for a in (*node.args[1:], *node.kwargs.values())):
+        raise UnsupportedOperationError(
+            f"node {node.name!r}: x.view(dtype) reinterprets the bits of the input: not Lipschitz"
+        )
+    return _first(ctx, node)
 
 
 #: functional dropouts and whether each is active by default (``training`` argument)
