@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="(accepted for run_all; unused)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     train = load_dataset("mnist", "train", args.data_dir)
@@ -217,7 +218,7 @@ def main() -> None:
             f"| {r['depth']} | {r['fused_blocks_product']:.4g} | "
             f"{r['product_bound_blocks']:.4g} | {r['network_bound']:.4g} |"
         )
-    write("architectures", {"fused": fused, "nets": nets, "depths": depths}, "\n".join(lines))
+    write("architectures", {"fused": fused, "nets": nets, "depths": depths}, "\n".join(lines), args)
 
 
 if __name__ == "__main__":
