@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= data
 export LIPMARGIN_DATA_DIR ?= $(abspath $(DATA_DIR))
 
-.PHONY: setup data demo test lint bench bench-quick gpu-check clean
+.PHONY: setup data demo test fuzz lint bench bench-quick gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ lint: setup
 # Full benchmarks, one and two threads (slow: the plain-FFT reference of WRN-16-4 included);
 # rewrites the README performance section. bench-quick: a smoke run (under a minute, one
 # thread, results in benchmarks/results/quick/, README untouched). The tests run neither.
+# fresh random hypothesis examples for the property tests (make test replays fixed ones)
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -n 2 tests/test_soundness_property.py tests/test_bounds.py tests/test_norms_fast.py tests/test_certify.py
+
 bench: setup
 	$(PY) benchmarks/run_all.py $(if $(wildcard runs/mnist-lmt/last.safetensors),--run runs/mnist-lmt,)
 

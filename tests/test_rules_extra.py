@@ -16,6 +16,7 @@ from torch import nn
 
 from lipmargin.bounds import LipschitzBound
 from lipmargin.errors import UnsupportedOperationError
+from lipmargin.bounds.rules.activations import HARDSIGMOID_LIPSCHITZ
 
 F64 = torch.float64
 REL = 1e-9
@@ -369,7 +370,7 @@ ACTIVATIONS = [
     ("F.selu", Fn(F.selu), None),
     ("torch.selu", Fn(torch.selu), None),
     ("F.hardswish", Fn(F.hardswish), 1.5),
-    ("F.hardsigmoid", Fn(F.hardsigmoid), 1 / 6),
+    ("F.hardsigmoid", Fn(F.hardsigmoid), HARDSIGMOID_LIPSCHITZ),
     ("logsigmoid", nn.LogSigmoid(), 1.0),
     ("F.logsigmoid", Fn(F.logsigmoid), 1.0),
     ("tanhshrink", nn.Tanhshrink(), 1.0),

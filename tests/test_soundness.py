@@ -566,3 +566,16 @@ def test_sync_batch_norm_is_bounded_like_batch_norm() -> None:
     a = LipschitzBound(plain, (1, 6, 6)).certified().value
     b = LipschitzBound(synced, (1, 6, 6)).certified().value
     assert a == pytest.approx(b, rel=1e-12)
+
+
+def test_stacked_hardsigmoids_cover_the_float32_slope_of_torch_backward() -> None:
+    """Found by the hypothesis suite in CI: ATen's hardsigmoid backward multiplies by float32 1/6
+    (> 1/6) even in float64, so four layers' gradients exceeded an exact (1/6)^4 bound."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Hardsigmoid() for _ in range(4)], nn.Flatten(), nn.Linear(16, 2))
+    model = model.double()
+    bound = LipschitzBound(model, (1, 4, 4))
+    value = float(bound.certified().value)
+    x = torch.randn(1, 1, 4, 4, dtype=torch.float64) * 0.5
+    J = torch.autograd.functional.jacobian(lambda v: model(v).reshape(-1), x).reshape(2, -1)
+    assert float(torch.linalg.matrix_norm(J, 2)) <= value
