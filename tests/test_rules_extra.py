@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipmargin.bounds import LipschitzBound
-from lipmargin.errors import UnsupportedOperationError
 from lipmargin.bounds.rules.activations import HARDSIGMOID_LIPSCHITZ
+from lipmargin.errors import UnsupportedOperationError
 
 F64 = torch.float64
 REL = 1e-9
