@@ -475,3 +475,54 @@ def test_power_method_bound_refused_on_convnet() -> None:
     with pytest.raises(InputError):
         certify(model, x, y, bound)
     assert (certify(model, x, y, bound, allow_estimate=True) >= 0).all()
+
+
+def test_gradient_self_check_schedule_covers_first_batches_then_every_fourth(monkeypatch) -> None:
+    """Issue 16: every one of the first SELF_CHECK_FIRST batches a bound certifies is checked,
+    then every SELF_CHECK_EVERY-th, on rows that move through the batch; a new bound (changed
+    weights) starts the schedule again."""
+    import importlib
+
+    certify_module = importlib.import_module("lipmargin.certify")  # the package exports certify()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    bound = LipschitzBound(model, (6,))
+    cert = bound.certified()
+    seen: list[torch.Tensor] = []
+    real = certify_module.check_gradients
+
+    def spy(model, x, cert, **kw):
+        seen.append(x.clone())
+        return real(model, x, cert, **kw)
+
+    monkeypatch.setattr(certify_module, "check_gradients", spy)
+    x = torch.randn(64, 6)
+    y = torch.randint(0, 3, (64,))
+    for _ in range(20):
+        certify_module.certify(model, x, y, cert)
+    first, every = certify_module.SELF_CHECK_FIRST, certify_module.SELF_CHECK_EVERY
+    expected = first + sum(1 for k in range(first, 20) if k % every == 0)
+    assert len(seen) == expected
+    assert all(s.shape[0] == certify_module.SELF_CHECK_POINTS for s in seen)
+    assert len({tuple(s[0].tolist()) for s in seen}) > 1  # not always the same rows
+    with torch.no_grad():
+        model[0].weight.mul_(0.5)
+    seen.clear()
+    certify_module.certify(model, x, y, bound)  # re-certified bound: checked again at once
+    assert len(seen) == 1
+
+
+def test_evaluate_refuses_a_wrong_bound_on_its_first_batch(monkeypatch) -> None:
+    """A rule that under-states its constant is caught before any radius is returned."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    cert = LipschitzBound(model, (6,)).certified()
+    bad = CertifiedBound(
+        value=cert.value * 1e-3, pairwise=cert.pairwise * 1e-3, input_shape=cert.input_shape
+    )
+    x = torch.randn(40, 6)
+    y = model(x).argmax(1)
+    from lipmargin.errors import CertificationError
+
+    with pytest.raises(CertificationError, match="self-check"):
+        evaluate(model, bad, batches(x, y, 10), [0.1])

@@ -76,6 +76,9 @@ class CertifiedBound:
     guaranteed: bool = True
     #: the input shape (without batch) the bound was computed for; ``certify`` refuses others
     input_shape: tuple[int, ...] | None = None
+    #: batches ``certify``/``evaluate`` have certified with this bound (schedules the gradient
+    #: self-check, ``lipmargin.certify.SELF_CHECK_FIRST`` / ``SELF_CHECK_EVERY``)
+    certified_batches: int = field(default=0, compare=False, repr=False)
 
 
 class _Recorder(torch.fx.Interpreter):
