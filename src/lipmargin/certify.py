@@ -167,7 +167,8 @@ def certify(
     Before returning radii, input-gradient norms at ``SELF_CHECK_POINTS`` examples are
     checked against the bound (``bounds.checks.check_gradients``; ``CertificationError`` if one
     exceeds it): on each of the first ``SELF_CHECK_FIRST`` batches certified with this bound,
-    then on every ``SELF_CHECK_EVERY``-th. ``x`` must have the bound's input shape and be float32/float64.
+    then on every ``SELF_CHECK_EVERY``-th. ``x`` must have the bound's input shape and be
+    float32/float64.
 
     Floating point: the forward pass runs in the model's dtype; logits are converted to float64
     and every difference ``z_t - z_i`` is reduced by ``rtol * (|z_t| + |z_i|)`` (default 1e-5,
