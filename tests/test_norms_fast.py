@@ -213,3 +213,19 @@ def test_fast_equals_reference_property(cfg) -> None:
     if c_in * math.prod(size) <= 300:
         exact = exact_conv_norm(w, stride, padding, dilation, groups, size)
         assert fast >= exact * (1 - REL), (fast, exact)
+
+
+def test_scipy_blas_follows_torch_thread_count() -> None:
+    """SciPy's OpenBLAS, used for large Cholesky screens, is limited to torch's thread count
+    while it runs (its spinning threads made certified() 35x slower beside busy processes)."""
+    pytest.importorskip("scipy.linalg")
+    from lipmargin.bounds.norms import _blas_controller, _blas_threads
+
+    blas = [lib for lib in _blas_controller().info() if lib["user_api"] == "blas"]
+    if not blas:
+        pytest.skip("no BLAS library that threadpoolctl can control")
+    with _blas_threads(1):
+        from threadpoolctl import threadpool_info
+
+        inside = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    assert inside and all(n == 1 for n in inside)
