@@ -12,7 +12,6 @@ Three kinds of number live here, and every function says which one it returns:
 from __future__ import annotations
 
 import functools
-
 import itertools
 import math
 from collections.abc import Callable, Sequence
