@@ -101,3 +101,32 @@ def test_power_every_moves_vectors_only_every_kth_call() -> None:
     with torch.no_grad():
         model[0].weight.mul_(2)
     assert float(bound(pairwise=False)) == pytest.approx(2 * before, rel=1e-5)
+
+
+def test_skipped_updates_reuse_the_held_gradient() -> None:
+    """Issue 16: on calls ``power_every`` skips, each linear map's sigma is ``<W, G>`` with the
+    gradient G of the last update (v^T A u with u, v held): the same value as a fresh
+    ``||A u||`` while the weights are unchanged, never above it after they change, and its
+    gradient w.r.t. W is G."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    fresh = LipschitzBound(model, (6,), power_every=1).train()
+    bound = LipschitzBound(model, (6,), power_every=2).train()
+    bound()  # an update: stores the gradients
+    held = {k: v.clone() for k, v in bound._held_grads.items()}
+    assert "_0" in held  # (the head is read exactly, no power iteration)
+
+    def sigma(b: LipschitzBound) -> torch.Tensor:
+        if b is bound:
+            b._calls = 1  # a call that power_every skips
+        else:
+            b.load_state_dict(bound.state_dict())  # ||A u|| with the same vector u
+        return b._walk("train", pairwise=False)[0].sigmas["_0"]
+
+    assert float(sigma(bound)) == pytest.approx(float(sigma(fresh)), rel=1e-6)
+    model.zero_grad()
+    sigma(bound).backward()
+    assert torch.allclose(model[0].weight.grad, held["_0"])
+    with torch.no_grad():
+        model[0].weight.add_(0.1 * torch.randn(5, 6))
+    assert float(sigma(bound)) <= float(sigma(fresh)) * (1 + 1e-6)

@@ -269,7 +269,24 @@ class WalkContext:
             return self.const(1.0)
         u = getattr(self.owner, key)
         if self.mode == "train":
-            sigma = power.training_estimate(op, u, steps=self.power_steps, update=self.update)
+            held = self.owner._held_grads
+            g = held.get(node.name)
+            if (
+                not self.update
+                and g is not None
+                and op.weight is not None
+                and g.shape == op.weight.shape
+                and g.dtype == op.weight.dtype
+                and g.device == op.weight.device
+            ):
+                # between power-iteration updates: sigma = <W, d sigma/dW> with the gradient of
+                # the last update (u and v held: the bilinear estimate v^T A u)
+                sigma = (op.weight * g).sum()
+            else:
+                keep = held if self.owner.power_every > 1 else None
+                sigma = power.training_estimate(
+                    op, u, steps=self.power_steps, update=self.update, keep=keep, key=node.name
+                )
             self.sigmas[node.name] = sigma
             return sigma
         est = power.report_estimate(op, u, self.estimate_steps)
@@ -427,6 +444,9 @@ class LipschitzBound(nn.Module):
         }
         object.__setattr__(self, "_rules", {})
         self._factor_cache: dict[str, float] = {}
+        #: per linear map, the gradient d sigma / dW of the last power-iteration update, held
+        #: while ``power_every`` > 1 skips updates (``power.training_estimate``)
+        self._held_grads: dict[str, torch.Tensor] = {}
         self._find_head()
         self._find_fusions()
         self._find_segments()

@@ -48,7 +48,13 @@ def _step(target: torch.Tensor, u: torch.Tensor, v: torch.Tensor, op: LinearOper
 
 
 def training_estimate(
-    op: LinearOperator, u: torch.Tensor, *, steps: int, update: bool
+    op: LinearOperator,
+    u: torch.Tensor,
+    *,
+    steps: int,
+    update: bool,
+    keep: dict[str, torch.Tensor] | None = None,
+    key: str = "",
 ) -> torch.Tensor:
     """Differentiable estimate ``sigma = ||A u||`` of ``||A||`` with the persistent unit vector
     ``u`` held constant (paper Alg. 1); when ``update``, first ``steps - 1`` power-iteration
@@ -57,7 +63,10 @@ def training_estimate(
     Where the operator gives its ``weight`` and ``weight_grad(u, g)`` (the gradient of
     ``<g, A u>`` w.r.t. the weight), ``sigma`` enters the graph as ``<W, d sigma / dW>``: sigma is
     1-homogeneous in W, so by Euler's identity this has the right value and the right gradient,
-    at the cost of one elementwise product in backward.
+    at the cost of one elementwise product in backward. With ``keep``, an update stores that
+    gradient at the moved vector as ``keep[key]``: the bound reuses it (``sigma = <W, grad>``, the bilinear estimate
+    ``v^T A u`` with both vectors held) on the calls ``power_every`` skips, so a skipped call
+    costs one elementwise product per linear map (issue 16).
     """
     dtype = op.weight.dtype if op.weight is not None else u.dtype
     if update and steps > 1:
@@ -72,6 +81,10 @@ def training_estimate(
             grad = op.weight_grad(uw, v / v.norm().clamp_min(1e-30))
             if update:
                 _step(u, uw, v, op)
+                if keep is not None:  # the gradient at the moved vector, for skipped calls
+                    un = u.to(dtype)
+                    vn = op.apply(un)
+                    keep[key] = op.weight_grad(un, vn / vn.norm().clamp_min(1e-30))
         return (op.weight * grad).sum()
     v = op.apply(u.clone())
     sigma = v.norm()
