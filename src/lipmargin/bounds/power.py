@@ -64,9 +64,9 @@ def training_estimate(
     ``<g, A u>`` w.r.t. the weight), ``sigma`` enters the graph as ``<W, d sigma / dW>``: sigma is
     1-homogeneous in W, so by Euler's identity this has the right value and the right gradient,
     at the cost of one elementwise product in backward. With ``keep``, an update stores that
-    gradient at the moved vector as ``keep[key]``: the bound reuses it (``sigma = <W, grad>``, the bilinear estimate
-    ``v^T A u`` with both vectors held) on the calls ``power_every`` skips, so a skipped call
-    costs one elementwise product per linear map (issue 16).
+    gradient at the moved vector as ``keep[key]``: the bound reuses it (``sigma = <W, grad>``,
+    the bilinear estimate ``v^T A u`` with both vectors held) on the calls ``power_every``
+    skips, so a skipped call costs one elementwise product per linear map (issue 16).
     """
     dtype = op.weight.dtype if op.weight is not None else u.dtype
     if update and steps > 1:
