@@ -558,3 +558,49 @@ def test_run_checkpoint_round_trip_with_batch_norm(tmp_path, monkeypatch) -> Non
     x = torch.rand(3, 1, 28, 28)
     torch.testing.assert_close(loaded(x), model(x))
     assert len(meta["fingerprint"]) == 64
+
+
+# --------------------------------------------------------------------------- weight averaging
+
+
+def test_weight_averaging_saves_and_certifies_the_averaged_model(tmp_path, data_dir) -> None:
+    """Issue 15: with ema_decay the checkpoint's model is the average (what load_run returns,
+    what was evaluated and logged, with a guaranteed bound of its own), the training weights
+    are kept apart for resume, and a resumed run equals a straight one."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    record = train(cfg_of(ema_decay=0.5), straight, data_dir=data_dir, progress=False)
+    model, bound, _, tensors, _ = load_run(straight)
+    training = {k[6:]: v for k, v in tensors.items() if k.startswith(runs.TRAINING_PREFIX)}
+    assert set(training) == set(model.state_dict())
+    assert any(not torch.equal(v, training[k]) for k, v in model.state_dict().items())
+    assert bound.certified().value == record["bound"]
+    x, y = load_dataset("mnist", "test", data_dir)
+    report = evaluate(model, bound, batches(x[:50], y[:50], 500), [0.1])
+    assert report.clean_accuracy == record["clean_accuracy"]
+    assert report.median_radius == record["median_radius"]
+    train(cfg_of(ema_decay=0.5, epochs=1), resumed, data_dir=data_dir, progress=False)
+    train(cfg_of(ema_decay=0.5), resumed, resume=True, data_dir=data_dir, progress=False)
+    a, b = _state(straight), _state(resumed)
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_weight_average_is_the_exponential_moving_average() -> None:
+    from lipmargin.train import WeightAverage
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    avg = WeightAverage(model, 0.75, (1, 2, 2))
+    w0 = model[1].weight.detach().clone()
+    avg.update()  # the first update copies
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    avg.update()
+    torch.testing.assert_close(avg.model[1].weight, 0.75 * w0 + 0.25 * (w0 + 1.0))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2, True, "0.9"])
+def test_ema_decay_validated(bad) -> None:
+    with pytest.raises(ConfigError, match="ema_decay"):
+        cfg_of(ema_decay=bad)

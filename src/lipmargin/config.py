@@ -73,6 +73,10 @@ class TrainConfig:
     loader: str = "auto"  # "memory", "dataloader"; auto: memory on CPU, DataLoader on a GPU
     num_workers: int = 0  # DataLoader worker processes
     amp: str = "none"  # "bf16" or "fp16": the forward pass under torch.autocast, bound float32
+    # exponential moving average of the weights (0: off). With it, evaluation, the saved model
+    # and its certificates are those of the averaged weights (a guaranteed bound computed for
+    # them); the raw training weights are kept in the checkpoint for --resume.
+    ema_decay: float = 0.0
     sync_batchnorm: bool = False  # DDP: BatchNorm statistics over all ranks (SyncBatchNorm)
 
     def validate(self) -> TrainConfig:
@@ -166,6 +170,12 @@ class TrainConfig:
         for key in ("lr", "eval_eps", "lr_gamma"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)!r}")
+        if (
+            not isinstance(self.ema_decay, (int, float))
+            or isinstance(self.ema_decay, bool)
+            or not (0 <= self.ema_decay < 1)
+        ):
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if self.momentum >= 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if self.c0 is not None and self.c0 < 0:

@@ -63,6 +63,8 @@ RESUMABLE_KEYS = (
     "loader",
     "num_workers",
 )
+#: Prefix of the training (not averaged) weights in a checkpoint written with ``ema_decay``.
+TRAINING_PREFIX = "train."
 #: Keys of the architecture fingerprint in the safetensors header.
 _ARCH_KEY = "lipmargin.architecture"
 _FINGERPRINT_KEY = "lipmargin.fingerprint"
@@ -213,11 +215,17 @@ def save_run_checkpoint(
     opt: torch.optim.Optimizer | None,
     meta: dict[str, Any],
     cfg: TrainConfig,
+    training_model: nn.Module | None = None,
 ) -> None:
     """Model weights, power-iteration vectors and optimizer state in one safetensors file, the
-    architecture fingerprint in its header, ``meta`` (plus the fingerprint) in the sidecar."""
+    architecture fingerprint in its header, ``meta`` (plus the fingerprint) in the sidecar.
+    With weight averaging, ``model`` is the averaged model (what ``load_run`` returns and
+    certificates cover) and ``training_model`` the one the optimizer moves (``train.*``
+    tensors, read back by ``--resume`` only)."""
     weights = model.state_dict()
     tensors = {f"model.{k}": v for k, v in weights.items()}
+    if training_model is not None:
+        tensors.update({f"{TRAINING_PREFIX}{k}": v for k, v in training_model.state_dict().items()})
     tensors.update({f"bound.{k}": v for k, v in bound.state_dict().items()})
     arch = architecture(model, cfg)
     digest = fingerprint(arch, weights)

@@ -139,9 +139,13 @@ def train(
     scaler = _grad_scaler(device, enabled=cfg.amp == "fp16")
     schedule = CSchedule(cfg.c, cfg.c0, cfg.c_warmup_epochs, steps_per_epoch)
     start_epoch, step = plan.start_epoch, plan.step
+    averaged = WeightAverage(model, cfg.ema_decay, shape) if cfg.ema_decay > 0 else None
     if plan.resume:
         model_r, bound_r, _, tensors, meta = load_run(run_dir / runs.CHECKPOINT_NAME, device="cpu")
-        model.load_state_dict(model_r.state_dict())
+        if averaged is not None:
+            averaged.load(model_r.state_dict(), tensors)
+        else:
+            model.load_state_dict(model_r.state_dict())
         bound.load_state_dict(bound_r.state_dict())
         runs.restore_optimizer(opt, tensors, meta)
     runs.check_same_device(model, bound)
@@ -204,6 +208,8 @@ def train(
             scaler.update()
             if cfg.method == "parseval":
                 parseval_retraction(model, cfg.parseval_beta)
+            if averaged is not None:
+                averaged.update()
             if world > 1:
                 for buf in bound.buffers():
                     dist.broadcast(buf, 0)
@@ -220,7 +226,10 @@ def train(
             dist.all_reduce(summed)
         total_loss, total_correct, seen = summed.cpu().tolist()
         model.eval()
-        report = evaluate(model, bound, batches(x_test, y_test, 500, device), [cfg.eval_eps])
+        evaluated, eval_bound = (model, bound) if averaged is None else averaged.pair()
+        report = evaluate(
+            evaluated, eval_bound, batches(x_test, y_test, 500, device), [cfg.eval_eps]
+        )
         record = {
             "epoch": epoch + 1,
             "step": step,
@@ -238,7 +247,20 @@ def train(
         }
         if rank == 0:
             meta = runs.checkpoint_meta(plan, epoch + 1, step, record, shape)
-            runs.save_run_checkpoint(run_dir / runs.CHECKPOINT_NAME, model, bound, opt, meta, cfg)
+            if averaged is None:
+                runs.save_run_checkpoint(
+                    run_dir / runs.CHECKPOINT_NAME, model, bound, opt, meta, cfg
+                )
+            else:
+                runs.save_run_checkpoint(
+                    run_dir / runs.CHECKPOINT_NAME,
+                    averaged.model,
+                    bound,
+                    opt,
+                    meta,
+                    cfg,
+                    training_model=model,
+                )
             runs.append_log(run_dir, record)
             if progress:
                 print(
@@ -252,6 +274,48 @@ def train(
     if world > 1:
         dist.barrier()
     return record if rank == 0 else {}
+
+
+class WeightAverage:
+    """Exponential moving average of a model's weights (Polyak averaging; the "EMA of weights"
+    of issue 15): after every optimizer step ``avg <- decay * avg + (1 - decay) * w`` for each
+    parameter, buffers (BatchNorm statistics) copied. The averaged model is an ordinary model:
+    its certificates come from its own ``LipschitzBound`` (a guaranteed bound of the averaged
+    weights, not of the training ones). Built on ``torch.optim.swa_utils.AveragedModel``."""
+
+    def __init__(self, model: nn.Module, decay: float, shape: tuple[int, ...]) -> None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.training_model = model
+        self._avg = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.model = self._avg.module
+        self._bound = LipschitzBound(self.model, shape)
+
+    def update(self) -> None:
+        self._avg.update_parameters(self.training_model)
+        with torch.no_grad():
+            for mine, theirs in zip(
+                self.model.buffers(), self.training_model.buffers(), strict=True
+            ):
+                mine.copy_(theirs)
+
+    def pair(self) -> tuple[nn.Module, LipschitzBound]:
+        """The averaged model (evaluation mode) and its bound."""
+        self.model.eval()
+        return self.model, self._bound
+
+    def load(self, averaged: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+        """Resume: the averaged weights, and the training ones from the ``train.*`` tensors."""
+        prefix = runs.TRAINING_PREFIX
+        training = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not training:
+            raise ConfigError(
+                "this checkpoint holds no training weights (written without ema_decay): "
+                "it cannot be resumed with weight averaging"
+            )
+        self.training_model.load_state_dict(training)
+        self.model.load_state_dict(averaged)
+        self._avg.n_averaged.fill_(1)  # averaging continues from the saved average
 
 
 def _bound_gap(bound: LipschitzBound) -> dict[str, float]:
