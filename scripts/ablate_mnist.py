@@ -77,6 +77,23 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         C4F3,
         [],
     ),
+    # issue 15 (session 4): one change at a time from the c4f3 row
+    "c4f3-lr3e-4": (
+        "c4f3 with Adam lr 3e-4 and the power iteration every 2nd step (power_every = 2)",
+        C4F3,
+        ["lr=3e-4", "power_every=2"],
+    ),
+    "c4f3-gloro": (
+        "c4f3 with the GloRo loss (eps warmed up from 0 over 10 epochs) and power_every = 2, "
+        "stopped after 12 of 40 epochs",
+        C4F3,
+        ['loss="gloro"', "c0=0.0", "c_warmup_epochs=10", "power_every=2"],
+    ),
+    "c4f3-ema": (
+        "c4f3 with an exponential moving average of the weights (ema_decay = 0.999)",
+        C4F3,
+        ["ema_decay=0.999"],
+    ),
 }
 
 
