@@ -579,3 +579,31 @@ def test_stacked_hardsigmoids_cover_the_float32_slope_of_torch_backward() -> Non
     x = torch.randn(1, 1, 4, 4, dtype=torch.float64) * 0.5
     J = torch.autograd.functional.jacobian(lambda v: model(v).reshape(-1), x).reshape(2, -1)
     assert float(torch.linalg.matrix_norm(J, 2)) <= value
+
+
+def test_trace_check_runs_again_for_new_tensors_or_a_new_graph(monkeypatch) -> None:
+    """certified() skips the trace check only for the graph and tensors it was passed for
+    (right after construction); changed weights or a changed forward are checked again."""
+    from lipmargin.bounds import checks
+
+    calls = []
+    real = checks.check_trace
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checks, "check_trace", counting)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    bound = LipschitzBound(model, (4,))
+    assert len(calls) == 1
+    bound.certified()
+    assert len(calls) == 1  # same graph, same tensors
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    bound.certified()
+    assert len(calls) == 2  # new tensors
+    model[1] = nn.Tanh()
+    bound.certified()
+    assert len(calls) == 3  # a new graph

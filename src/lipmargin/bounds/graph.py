@@ -385,6 +385,9 @@ class LipschitzBound(nn.Module):
         self._batch_var: dict[str, torch.Tensor] = {}
         self._cache: tuple[Any, CertifiedBound] | None = None
         self._structure: tuple[Any, ...] | None = None
+        #: (graph, dtype, device, digest) of the last passed trace check: certified() skips
+        #: the check for exactly the same graph and tensors (``_trace_check_key``)
+        self._trace_checked: tuple[Any, ...] | None = None
         _check_tensors(model, certify=False)
         self._build(*self._trace())
         weakref.finalize(self, _unwatch_dead)
@@ -398,6 +401,7 @@ class LipschitzBound(nn.Module):
                 dtype=_dtype_of(model),
                 device=self._device(),
             )
+            self._trace_checked = self._trace_check_key()
 
     # -- set-up ------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -437,6 +441,7 @@ class LipschitzBound(nn.Module):
         object.__setattr__(self, "_graph_module", gm)
         self._structure = structure
         self._cache = None
+        self._trace_checked = None  # a new graph: checked again before it certifies
         self._record_example()
         graph = gm.graph
         self._modules_by_node = {
@@ -879,6 +884,13 @@ class LipschitzBound(nn.Module):
             h.update(repr(simple).encode())
         return h.digest()
 
+    def _trace_check_key(self, digest: bytes | None = None) -> tuple[Any, ...]:
+        """What a passed trace check covers: this graph object, the model's dtype and device
+        and the digest of its tensors and attributes AFTER the check's eager forward (which
+        refreshes weights that forward pre-hooks compute)."""
+        digest = self._digest() if digest is None else digest
+        return (id(self._graph_module), _dtype_of(self.model), self._device(), digest)
+
     def certified(self) -> CertifiedBound:
         """GUARANTEED upper bounds (float64, no grad, deterministic) for the model AS IT IS NOW.
 
@@ -897,16 +909,20 @@ class LipschitzBound(nn.Module):
         _check_tensors(self.model, certify=False)
         self._check_vectors_device()
         self._sync()
-        if self._cache is not None and self._cache[0] == (self.conv_method, self._digest()):
+        digest = self._digest()
+        if self._cache is not None and self._cache[0] == (self.conv_method, digest):
             return self._cache[1]  # computed (and checked) for exactly these tensors
         _check_tensors(self.model, certify=True)
         dtype, device = _dtype_of(self.model), self._device()
-        checks.check_trace(
-            self.model, self._graph_module, self.input_shape, dtype=dtype, device=device
-        )
-        # after the eager forward above: forward pre-hooks (legacy weight_norm) have refreshed
-        # the weights the walk reads
-        key = (self.conv_method, self._digest())
+        if self._trace_checked != self._trace_check_key(digest):
+            checks.check_trace(
+                self.model, self._graph_module, self.input_shape, dtype=dtype, device=device
+            )
+            # after the eager forward of the check: forward pre-hooks (legacy weight_norm) have
+            # refreshed the weights the walk reads
+            digest = self._digest()
+            self._trace_checked = self._trace_check_key(digest)
+        key = (self.conv_method, digest)
         self._factor_cache.clear()  # pooling factors of the attributes as they are
         with torch.no_grad():
             ctx, (pair, value) = self._walk("certify", pairwise=True)
