@@ -61,6 +61,11 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     ),
     "lr1e-4": ("base with Adam lr 1e-4 (the 4C3F rows' rate)", BASE, ["lr=1e-4"]),
     "ps10": ("base with 10 power-iteration steps per update", BASE, ["power_steps=10"]),
+    "pe4": (
+        "base with the power iteration every 4th step (power_every = 4, issue 16)",
+        BASE,
+        ["power_every=4"],
+    ),
     "c4f3-ps1": (
         "4C3F, MaxMin, c = 2, lr 1e-4, 1 power step per update (paper Alg. 1), "
         "stopped after 14 of 45 epochs",
@@ -133,11 +138,12 @@ def run_variant(key: str, data_dir: str | None, audit_n: int, x, y, train_it: bo
     return result
 
 
-def _rows() -> dict[str, dict]:
-    """The measured variants: ``<key>.json`` (certification) files in OUT."""
-    if not OUT.exists():
+def _rows(out: Path | None = None) -> dict[str, dict]:
+    """The measured variants: ``<key>.json`` (certification) files in ``out`` (default OUT)."""
+    out = OUT if out is None else out
+    if not out.exists():
         return {}
-    return {p.stem: json.loads(p.read_text()) for p in OUT.glob("*.json") if "_" not in p.stem}
+    return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json") if "_" not in p.stem}
 
 
 def _audit_cell(r: dict) -> str:

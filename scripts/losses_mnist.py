@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ablate_mnist  # noqa: E402  (the result-table helpers, beside this script)
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "results" / "losses"
 RUNS = ROOT / "runs" / "losses"
@@ -160,14 +163,10 @@ def run_variant(key: str, data_dir: str | None, audit_n: int, train_it: bool) ->
 
 
 def _rows() -> dict[str, dict]:
-    if not OUT.exists():
-        return {}
-    return {p.stem: json.loads(p.read_text()) for p in OUT.glob("*.json") if "_" not in p.stem}
+    return ablate_mnist._rows(OUT)
 
 
-def _audit_cell(r: dict) -> str:
-    a = r.get("audit")
-    return f"{len(a['broken'])} / {a['n_certified']} (first {a['n']})" if a else "not run"
+_audit_cell = ablate_mnist._audit_cell
 
 
 def section() -> str:
