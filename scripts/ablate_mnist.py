@@ -94,6 +94,11 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         C4F3,
         ['loss="gloro"', "c0=0.0", "c_warmup_epochs=10", "power_every=2"],
     ),
+    "c4f3-lr3e-4-ema": (
+        "c4f3 with Adam lr 3e-4, power_every = 2 and ema_decay = 0.999 (the two best changes)",
+        C4F3,
+        ["lr=3e-4", "power_every=2", "ema_decay=0.999"],
+    ),
     "c4f3-ema": (
         "c4f3 with an exponential moving average of the weights (ema_decay = 0.999)",
         C4F3,
