@@ -128,25 +128,22 @@ def radii_from_logits(
     if n == 0:
         return torch.zeros(0, dtype=torch.float64)
     y = y.long()
-    if y.min() < 0 or y.max() >= k:
+    if bool(((y < 0) | (y >= k)).any()):
         raise InputError(f"labels must lie in [0, {k}), got range [{int(y.min())}, {int(y.max())}]")
     y = y.to(z.device)
-    zt = z.gather(1, y[:, None])
+    target = y[:, None]
+    zt = z.gather(1, target)
     diff = zt - z - rtol * (zt.abs() + z.abs())
-    target = torch.nn.functional.one_hot(y, k).bool()
     if bound.pairwise is not None:
-        kt = bound.pairwise.to(z.device)[y]
-        per_pair = diff / kt.clamp_min(torch.finfo(torch.float64).tiny)
-        per_pair = torch.where(kt > 0, per_pair, torch.full_like(per_pair, math.inf))
-        per_pair = torch.where(diff > 0, per_pair, torch.zeros_like(per_pair))
-        per_pair = per_pair.masked_fill(target, math.inf)
-        radius = per_pair.min(dim=1).values
+        # diff / K[t, i] where the reduced margin is positive (+inf where K[t, i] = 0: F_t - F_i
+        # is constant), else 0; the target's own column never binds
+        per_pair = torch.where(diff > 0, diff / bound.pairwise.to(z.device)[y], 0.0)
+        radius = per_pair.scatter_(1, target, math.inf).min(dim=1).values
     else:
-        margin = diff.masked_fill(target, math.inf).min(dim=1).values
+        margin = diff.scatter_(1, target, math.inf).min(dim=1).values
         radius = margin.clamp_min(0.0) / (math.sqrt(2.0) * bound.value)
     correct = z.argmax(dim=1) == y
-    radius = torch.where(correct, radius, torch.zeros_like(radius))
-    return radius.clamp_min(0.0)
+    return torch.where(correct, radius, 0.0)
 
 
 def certify(
