@@ -156,6 +156,25 @@ def _audit_cell(r: dict) -> str:
     return f"{len(a['broken'])} / {a['n_certified']} (first {a['n']})" if a else "not run"
 
 
+def variant_rows(rows: dict[str, dict], keys, minutes: str) -> list[str]:
+    """One table line per measured variant, in the order of ``keys`` (shared with
+    scripts/losses_mnist.py): description, epochs, clean, certified at EPS, median radius,
+    final train accuracy, train minutes (format ``minutes``), audit."""
+    lines = []
+    for key in keys:
+        if key not in rows:
+            continue
+        r = rows[key]
+        c = r["certification"]
+        lines.append(
+            f"| {r['description']} | {r['epochs']} | {100 * c['clean_accuracy']:.2f} | "
+            + _cert_cells(c)
+            + f" | {c['median_radius']:.3f} | {100 * r['final_train_accuracy']:.2f} | "
+            f"{r['train_seconds_logged'] / 60:{minutes}} | {_audit_cell(r)} |"
+        )
+    return lines
+
+
 def _cert_cells(c: dict) -> str:
     ca = c["certified_accuracy"]
     return " | ".join(f"{100 * ca[str(float(e))]:.2f}" for e in EPS)
@@ -176,17 +195,7 @@ def write_table() -> str:
         "| median radius | final train acc. | train time (min) | audit: broken / certified |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for key in VARIANTS:
-        if key not in rows:
-            continue
-        r = rows[key]
-        c = r["certification"]
-        lines.append(
-            f"| {r['description']} | {r['epochs']} | {100 * c['clean_accuracy']:.2f} | "
-            + _cert_cells(c)
-            + f" | {c['median_radius']:.3f} | {100 * r['final_train_accuracy']:.2f} | "
-            f"{r['train_seconds_logged'] / 60:.0f} | {_audit_cell(r)} |"
-        )
+    lines += variant_rows(rows, VARIANTS, minutes=".0f")
     lines += ["", "Commands (then `lipmargin certify runs/ablation/<key> --data-dir data`):", ""]
     for key in VARIANTS:
         if key in rows:

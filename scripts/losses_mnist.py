@@ -187,18 +187,7 @@ def section() -> str:
         "| median radius | final train acc. | train time (min) | audit: broken / certified |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for key in VARIANTS:
-        if key not in rows:
-            continue
-        r = rows[key]
-        c = r["certification"]
-        ca = c["certified_accuracy"]
-        lines.append(
-            f"| {r['description']} | {r['epochs']} | {100 * c['clean_accuracy']:.2f} | "
-            + " | ".join(f"{100 * ca[str(float(e))]:.2f}" for e in EPS)
-            + f" | {c['median_radius']:.3f} | {100 * r['final_train_accuracy']:.2f} | "
-            f"{r['train_seconds_logged'] / 60:.1f} | {_audit_cell(r)} |"
-        )
+    lines += ablate_mnist.variant_rows(rows, VARIANTS, minutes=".1f")
     if NOTES:
         lines += ["", *NOTES]
     lines += ["", "Commands (each run then certified and audited as above):", ""]
