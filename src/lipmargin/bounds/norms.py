@@ -215,6 +215,11 @@ _U64 = 2.0**-53
 _U32 = 2.0**-24
 #: Matrices per round whose largest eigenvalue is computed (``eigvalsh``) as candidates.
 _N_CANDIDATES = 2
+#: Matrices left after a float32 round that go straight to the float64 test (a Cholesky each,
+#: cheaper than new estimates and candidates; a failure gets its own ``eigvalsh``).
+_FEW_LEFT = 16
+#: Lanczos steps of the candidate estimates over the whole stack.
+_LANCZOS_STEPS = 6
 
 
 def _circulant_norm(w: torch.Tensor, grid: Sequence[int], groups: int) -> torch.Tensor:
@@ -430,8 +435,9 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
     if neg32 is not None and not bool(grams.err32.max() <= 1e-3 * lam):
         neg32 = None  # float32 rounding of the stack too large to screen with (3.2 u32 mu)
     left32 = left_idx = None
+    fresh32 = neg32 is not None  # neg32 not yet shifted
     by_cert = False  # whether any matrix was cleared by a certificate (not by eigvalsh)
-    for rnd in range(6):
+    for _round in range(6):
         mu = lam * (1.0 + eta)
         # 2. certain failures: eigvalsh, and start over with the larger maximum
         wild = ~done & (diag_max > mu)
@@ -442,8 +448,11 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
             break
         # 4. the float32 test of the rest, at a per-matrix shift s32
         idx = torch.nonzero(~done).flatten()
-        if rnd == 0 and idx.numel() == nb:
-            a32 = neg32  # shifted in place: not needed afterwards
+        if fresh32:
+            # the whole stack, shifted in place (not needed afterwards); matrices already done
+            # (the candidates) are factorised too, and their results ignored: cheaper than a
+            # second GEMM for the rest
+            idx, a32, fresh32 = torch.arange(nb), neg32, False
         elif left32 is not None and left_idx is not None:
             a32 = left32[~done[left_idx]]  # the float32 matrices of the last round's rest
         else:
@@ -456,12 +465,12 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
         ok32 = _cholesky_succeeds(a32)
         del a32
         rhs = s32 + c32 * tr_a * (1.0 + 1e-6) + 3.2 * u32 * mu + err32[idx] + 8 * u64 * mu
-        cleared = ok32 & (rhs <= mu)
+        cleared = ok32 & (rhs <= mu) & ~done[idx]
         by_cert = by_cert or bool(cleared.any())
         done[idx[cleared]] = True
-        left = idx[~cleared]
-        if left.numel() <= 2:
-            break
+        left = idx[~done[idx]]
+        if left.numel() <= _FEW_LEFT:
+            break  # near-ties (within the float32 margin) or few: the float64 test settles them
         # many left: sharper estimates of those, and the best two of them
         left32, left_idx = grams.neg(left, single=True), left
         est[left] = _rayleigh_estimates(left32, steps=12)
@@ -535,13 +544,13 @@ def _blas_threads(n: int):
     return _blas_controller().limit(limits=max(1, n), user_api="blas")
 
 
-def _rayleigh_estimates(neg: torch.Tensor, steps: int = 6) -> torch.Tensor:
+def _rayleigh_estimates(neg: torch.Tensor, steps: int | None = None) -> torch.Tensor:
     """Largest Ritz value of each ``G = -neg`` after ``steps`` batched Lanczos steps from a fixed
     random start (a lower ESTIMATE of its largest eigenvalue, no reorthogonalisation; only used
     to choose candidates)."""
     gen = torch.Generator().manual_seed(0)
     nb, n = neg.shape[0], neg.shape[-1]
-    steps = max(1, min(steps, n))
+    steps = max(1, min(_LANCZOS_STEPS if steps is None else steps, n))
     real = torch.float32 if neg.dtype == torch.complex64 else torch.float64
     shape = (nb, n, 1)
     v = torch.complex(
