@@ -123,6 +123,21 @@ def test_conv_bounds_are_above_the_dense_norm(case) -> None:
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
+def test_conv_guaranteed_bound_is_the_minimum(case, monkeypatch) -> None:
+    """The rule's bound skips the closed form only where it cannot be the minimum: the same
+    value as min(FFT, closed form), also when the FFT bound is made the larger one."""
+    dim, c_in, c_out, kernel, stride, padding, dilation, groups, size = case
+    w = _conv_weight(dim, c_in, c_out, kernel, groups, seed=len(size) + c_in + c_out)
+    fft = norms.conv_fft_bound(w, size, stride, padding, dilation, groups)
+    closed = norms.conv_closed_form_bound(w, stride, dilation, groups)
+    got = norms.conv_guaranteed_bound(w, size, stride, padding, dilation, groups)
+    assert float(got) == float(torch.minimum(fft, closed))
+    monkeypatch.setattr(norms, "conv_fft_bound", lambda *a: closed * 1.5)
+    got = norms.conv_guaranteed_bound(w, size, stride, padding, dilation, groups)
+    assert float(got) == float(closed)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
 def test_conv_layer_row_via_lipschitz_bound(case) -> None:
     """The per-layer row of a one-convolution model, for every conv method."""
     dim, c_in, c_out, kernel, stride, padding, dilation, groups, size = case

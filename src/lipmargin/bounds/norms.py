@@ -552,16 +552,18 @@ def _rayleigh_estimates(neg: torch.Tensor, steps: int | None = None) -> torch.Te
     nb, n = neg.shape[0], neg.shape[-1]
     steps = max(1, min(_LANCZOS_STEPS if steps is None else steps, n))
     real = torch.float32 if neg.dtype == torch.complex64 else torch.float64
-    shape = (nb, n, 1)
+    # Row vectors x with the operator x -> x G, i.e. G^T = conj(G): Hermitian with the same
+    # eigenvalues, and a row-vector product is 2-4x faster than batched ``G @ v`` here.
+    shape = (nb, 1, n)
     v = torch.complex(
         torch.randn(shape, generator=gen, dtype=real), torch.randn(shape, generator=gen, dtype=real)
     )
-    v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True)
+    v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
     v_prev = torch.zeros_like(v)
     beta = torch.zeros(nb, dtype=real)
     alphas, betas = [], []
     for k in range(steps):
-        w = -(neg @ v)
+        w = -(v @ neg)
         alpha = (v.conj() * w).sum(dim=(-2, -1)).real
         w = w - alpha[:, None, None] * v - beta[:, None, None] * v_prev
         alphas.append(alpha)
@@ -577,6 +579,40 @@ def _rayleigh_estimates(neg: torch.Tensor, steps: int | None = None) -> torch.Te
     return torch.linalg.eigvalsh(tri)[..., -1]
 
 
+def conv_guaranteed_bound(
+    weight: torch.Tensor,
+    input_size: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | str | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``min(conv_fft_bound, conv_closed_form_bound)``, both guaranteed: the convolution rule's
+    bound. The closed form (an ``eigvalsh`` of the ``C_out x C_out`` Gram matrix) is skipped
+    where a cheap LOWER bound of it already exceeds the FFT bound: ``||W'||_2`` is at least the
+    largest row norm of ``W'`` (taken 1e-9 smaller than computed, which covers its rounding),
+    so the minimum is the FFT bound, the same value."""
+    fft = conv_fft_bound(weight, input_size, stride, padding, dilation, groups)
+    w = weight.detach().to(torch.float64)
+    c_out = w.shape[0]
+    rows = torch.linalg.vector_norm(w.reshape(c_out, -1), dim=1).max()
+    lower = math.sqrt(_closed_form_overlap(w, stride, dilation)) * rows * (1.0 - 1e-9)
+    if bool(fft <= lower):
+        return fft
+    return torch.minimum(fft, conv_closed_form_bound(weight, stride, dilation, groups))
+
+
+def _closed_form_overlap(w: torch.Tensor, stride, dilation) -> int:
+    """``n`` of paper Cor. 1: the most output positions whose receptive field holds one input
+    element, ``prod(ceil(k_eff / s))``."""
+    nsp = w.dim() - 2
+    stride_t = _as_tuple(stride, nsp)
+    dil = _as_tuple(dilation, nsp)
+    return math.prod(
+        -(-(d * (k - 1) + 1) // s) for k, d, s in zip(w.shape[2:], dil, stride_t, strict=True)
+    )
+
+
 def conv_closed_form_bound(
     weight: torch.Tensor,
     stride: int | Sequence[int] = 1,
@@ -590,12 +626,7 @@ def conv_closed_form_bound(
     ``prod(ceil(k_eff / s))``. Valid for any padding and input size.
     """
     w = weight.detach().to(torch.float64)
-    nsp = w.dim() - 2
-    stride_t = _as_tuple(stride, nsp)
-    dil = _as_tuple(dilation, nsp)
-    n = math.prod(
-        -(-(d * (k - 1) + 1) // s) for k, d, s in zip(w.shape[2:], dil, stride_t, strict=True)
-    )
+    n = _closed_form_overlap(w, stride, dilation)
     c_out = w.shape[0]
     blocks = w.reshape(groups, c_out // groups, -1)
     return _inflate(math.sqrt(n) * top_singular_value(blocks).max())

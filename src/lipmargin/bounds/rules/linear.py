@@ -48,13 +48,11 @@ def _conv_norm(
         )
 
     def guaranteed() -> torch.Tensor:
-        closed = norms.conv_closed_form_bound(
-            weight, params["stride"], params["dilation"], params["groups"]
-        )
         if ctx.conv_method == "closed_form":
-            return closed
-        fft = norms.conv_fft_bound(weight, input_shape[1:], **params)
-        return torch.minimum(fft, closed)
+            return norms.conv_closed_form_bound(
+                weight, params["stride"], params["dilation"], params["groups"]
+            )
+        return norms.conv_guaranteed_bound(weight, input_shape[1:], **params)
 
     adjoint = _conv_adjoint(weight, params, input_shape)
     weight_grad = None
@@ -249,11 +247,9 @@ def _conv_transpose(
         return conv_t(u, weight, None, stride, padding, output_padding, groups, dilation)
 
     def guaranteed() -> torch.Tensor:
-        closed = norms.conv_closed_form_bound(weight, stride, dilation, groups)
         if ctx.conv_method == "closed_form":
-            return closed
-        fft = norms.conv_fft_bound(weight, out_shape[1:], stride, padding, dilation, groups)
-        return torch.minimum(fft, closed)
+            return norms.conv_closed_form_bound(weight, stride, dilation, groups)
+        return norms.conv_guaranteed_bound(weight, out_shape[1:], stride, padding, dilation, groups)
 
     kind = f"conv_transpose{nsp}d"
     op = LinearOperator(kind, in_shape, apply, guaranteed, estimate_only=ctx.conv_method == "power")
