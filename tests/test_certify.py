@@ -417,6 +417,13 @@ def test_bad_inputs_raise_input_error() -> None:
         certify(model, x, y[:, None], bound)
     with pytest.raises(InputError):
         certify(model, x, torch.full((10,), 3, dtype=torch.long), bound)  # label out of range
+    with pytest.raises(InputError, match=r"range \[-1, 0\]"):
+        certify(model, x, torch.cat([y[:9], torch.tensor([-1])]), bound)  # a negative label
+    # the radius arithmetic alone, NaN logits
+    logits = torch.zeros(2, 3)
+    logits[1, 2] = float("nan")
+    with pytest.raises(InputError, match="not finite"):
+        radii_from_logits(logits, torch.zeros(2, dtype=torch.long), bound.certified())
     with pytest.raises(InputError):
         evaluate(model, bound, [(bad, y)], [0.5])
     with pytest.raises(InputError):
@@ -477,7 +484,7 @@ def test_power_method_bound_refused_on_convnet() -> None:
     assert (certify(model, x, y, bound, allow_estimate=True) >= 0).all()
 
 
-def test_gradient_self_check_schedule_covers_first_batches_then_every_fourth(monkeypatch) -> None:
+def test_gradient_self_check_schedule_covers_first_batches_then_every_nth(monkeypatch) -> None:
     """Issue 16: every one of the first SELF_CHECK_FIRST batches a bound certifies is checked,
     then every SELF_CHECK_EVERY-th, on rows that move through the batch; a new bound (changed
     weights) starts the schedule again."""
