@@ -33,6 +33,30 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
 def setup(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
+    steady_allocator()
+
+
+#: glibc ``mallopt`` parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+ALLOCATOR = "default"
+
+
+def steady_allocator() -> None:
+    """Keep freed memory in the process (glibc: no trimming, mmap only above 32 MiB). With
+    glibc's defaults a batch of 1000 Wong-Kolter forward passes page-faults its 30 MB of
+    activations afresh on some runs and not on others (12 or 23 ms per batch, decided per
+    process), which swamps the ratios measured here; both sides of every ratio run under the
+    same setting, which the machine line records. No-op off glibc."""
+    global ALLOCATOR
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    except (OSError, AttributeError):
+        return
+    if ok:
+        ALLOCATOR = "glibc malloc without trimming, mmap above 32 MiB"
 
 
 def machine() -> str:
@@ -47,24 +71,29 @@ def machine() -> str:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (
         f"{cpu}, {os.cpu_count()} cores ({usable} usable), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})"
+        f"{torch.get_num_threads()} threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), "
+        f"allocator: {ALLOCATOR}"
     )
 
 
 def interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3, block: int = 1
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, measured in alternation (same conditions): one list
-    of ``repeats`` times per function, index ``i`` of every list from the same round."""
+    of ``repeats`` times per function, index ``i`` of every list from the same round. Each
+    time is the mean over ``block`` consecutive calls (steps of a few milliseconds are too
+    short to time one by one on a shared machine); the order alternates between rounds."""
     for _ in range(warmup):
         for f in fns.values():
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    items = list(fns.items())
+    for r in range(repeats):
+        for k, f in items if r % 2 == 0 else items[::-1]:
             t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
+            for _ in range(block):
+                f()
+            times[k].append((time.perf_counter() - t) / block)
     return times
 
 

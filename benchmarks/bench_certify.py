@@ -1,6 +1,8 @@
 """Certification throughput / plain inference throughput, same model and batch, one process.
 
-Two ways to certify a batch, both with the gradient self-check on 2 points per batch:
+Two ways to certify a batch, both with the gradient self-check on 2 points on the batches
+``certify.SELF_CHECK_FIRST`` / ``SELF_CHECK_EVERY`` select (a block of 8 Wong-Kolter calls
+holds exactly one):
 ``certify(model, x, y, cert)`` with a ``CertifiedBound`` computed once (what ``evaluate`` and
 the CLI do per batch: the bound is verified once per dataset), and
 ``certify(model, x, y, bound)`` with the ``LipschitzBound`` (verifies the model on every call:
@@ -38,7 +40,9 @@ def measure(name: str, batch: int, shape: tuple[int, int, int], repeats: int) ->
         certify(model, x, y, bound)
 
     t = interleaved(
-        {"inference": infer, "certify": cert_reused, "verified": cert_verified}, repeats
+        {"inference": infer, "certify": cert_reused, "verified": cert_verified},
+        repeats,
+        block=8 if batch * shape[-1] * shape[-2] < 10**6 else 1,  # ~10 ms calls: blocks of 8
     )
     return {
         "model": name,

@@ -66,6 +66,11 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         BASE,
         ["power_every=4"],
     ),
+    "be4": (
+        "base with the lazy bound every 4th step (bound_every = 4, its gradient x4, issue 16)",
+        BASE,
+        ["bound_every=4"],
+    ),
     "c4f3-ps1": (
         "4C3F, MaxMin, c = 2, lr 1e-4, 1 power step per update (paper Alg. 1), "
         "stopped after 14 of 45 epochs",

@@ -130,3 +130,34 @@ def test_skipped_updates_reuse_the_held_gradient() -> None:
     with torch.no_grad():
         model[0].weight.add_(0.1 * torch.randn(5, 6))
     assert float(sigma(bound)) <= float(sigma(fresh)) * (1 + 1e-6)
+
+
+def test_bound_every_holds_the_bound_and_scales_its_gradient() -> None:
+    """Issue 16, lazy bound: with ``bound_every = 3`` the first training call computes the
+    bound (the same value as ``bound_every = 1``, its gradient 3x), the next two return it
+    detached without touching the power-iteration vectors, the fourth computes again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    lazy = LipschitzBound(model, (6,), bound_every=3).train()
+    every = LipschitzBound(model, (6,)).train()
+    every.load_state_dict(lazy.state_dict())
+    k_lazy, k_every = lazy(), every()
+    assert torch.equal(k_lazy.detach(), k_every.detach())
+    (g_lazy,) = torch.autograd.grad(k_lazy.sum(), model[0].weight)
+    (g_every,) = torch.autograd.grad(k_every.sum(), model[0].weight)
+    assert torch.allclose(g_lazy, 3 * g_every)
+    u = lazy.u__0.clone()
+    with torch.no_grad():
+        model[0].weight.mul_(2)  # held calls do not see it
+    for _ in range(2):
+        held = lazy()
+        assert not held.requires_grad and torch.equal(held, k_lazy.detach())
+        assert torch.equal(lazy.u__0, u)
+    fresh = lazy()
+    assert fresh.requires_grad and not torch.equal(lazy.u__0, u)
+    assert float(fresh.max()) > 1.5 * float(k_lazy.max())  # the doubled weight, seen again
+    lazy.eval()  # evaluation mode always computes
+    assert lazy().requires_grad
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(InputError):
+            LipschitzBound(model, (6,), bound_every=bad)

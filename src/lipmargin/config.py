@@ -39,6 +39,8 @@ class TrainConfig:
     release_factor: bool = True
     power_steps: int = 1  # power-iteration steps per update (paper Alg. 1: 1)
     power_every: int = 1  # power-iteration update every k training steps (sigma every step)
+    # lazy bound: the bound (and its gradient, scaled by k) every k training steps, held between
+    bound_every: int = 1
     # margin loss of method "lmt" (issue 15), eps = c above (with its warm-up): "lmt" (paper
     # Alg. 1), "gloro" (Leino et al. 2021), "emma" (Hu et al. 2023), "cll" (Losch et al. 2023)
     loss: str = "lmt"
@@ -112,6 +114,7 @@ class TrainConfig:
             "seed",
             "power_steps",
             "power_every",
+            "bound_every",
             "num_workers",
         ):
             if not is_int(getattr(self, key)):
@@ -190,9 +193,11 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers!r}")
-        if min(self.epochs, self.batch_size, self.eval_n, self.power_steps, self.power_every) < 1:
+        counts = (self.epochs, self.batch_size, self.eval_n, self.power_steps, self.power_every)
+        if min(*counts, self.bound_every) < 1:
             raise ConfigError(
-                "epochs, batch_size, eval_n, power_steps and power_every must be at least 1"
+                "epochs, batch_size, eval_n, power_steps, power_every and bound_every must be at "
+                "least 1"
             )
         if self.train_subset is not None and self.train_subset < 1:
             raise ConfigError("train_subset must be at least 1")

@@ -40,20 +40,19 @@ def lmt_logits(
     if c == 0:
         return logits
     n, k = logits.shape
-    target = F.one_hot(y, k).to(logits.dtype)
+    target = y[:, None]
     if bound.dim() == 2:
         add = c * bound[y]  # (N, K): c K[t, i]
     else:
-        add = (math.sqrt(2.0) * c * bound).expand(n, k)
-    add = add * (1.0 - target)
-    if release_factor:
-        with torch.no_grad():
-            zt = logits.gather(1, y[:, None])
-            ratio = (zt - logits) / add.clamp_min(1e-12)
-            ratio = ratio.clamp(0.0, 1.0).masked_fill(target.bool(), 1.0)
-            factor = ratio.min(dim=1, keepdim=True).values
-        add = add * factor
-    return logits + add
+        add = (math.sqrt(2.0) * c * bound).expand(n, k).contiguous()
+    add = add.scatter(1, target, 0.0)  # nothing added to the target logit
+    if not release_factor:
+        return logits + add
+    with torch.no_grad():
+        zt = logits.gather(1, target)
+        ratio = (zt - logits).div_(add.clamp_min(1e-12)).clamp_(0.0, 1.0)
+        factor = ratio.scatter_(1, target, 1.0).amin(dim=1, keepdim=True)
+    return torch.addcmul(logits, add, factor)
 
 
 def lmt_loss(

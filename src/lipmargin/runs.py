@@ -60,6 +60,7 @@ RESUMABLE_KEYS = (
     "eval_n",
     "device",
     "power_every",
+    "bound_every",
     "loader",
     "num_workers",
 )
@@ -293,7 +294,11 @@ def load_run(
     _check_architecture(path, model, cfg, sub, meta)
     model.to(dev).eval()
     bound = LipschitzBound(
-        model, shape, power_steps=cfg.power_steps, power_every=cfg.power_every
+        model,
+        shape,
+        power_steps=cfg.power_steps,
+        power_every=cfg.power_every,
+        bound_every=cfg.bound_every,
     ).to(dev)
     bound.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("bound.")})
     check_same_device(model, bound)

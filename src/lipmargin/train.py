@@ -133,7 +133,11 @@ def train(
     model, shape = build_model(cfg)
     model.to(device)
     bound = LipschitzBound(
-        model, shape, power_steps=cfg.power_steps, power_every=cfg.power_every
+        model,
+        shape,
+        power_steps=cfg.power_steps,
+        power_every=cfg.power_every,
+        bound_every=cfg.bound_every,
     ).to(device)
     opt = runs.make_optimizer(cfg, model)
     scaler = _grad_scaler(device, enabled=cfg.amp == "fp16")

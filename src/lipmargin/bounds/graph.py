@@ -188,7 +188,11 @@ class WalkContext:
         self.conv_method = owner.conv_method
         #: whether this training call moves the power-iteration vectors (every
         #: ``power_every``-th call in training mode; sigma is recomputed on every call)
-        self.update = mode == "train" and owner.training and owner._calls % owner.power_every == 0
+        self.update = (
+            mode == "train"
+            and owner.training
+            and (owner._calls // owner.bound_every) % owner.power_every == 0
+        )
         self.bounds: dict[str, torch.Tensor | None] = {}
         self.rows: list[LayerRow] = []
         self.sigmas: dict[str, torch.Tensor] = {}
@@ -338,6 +342,12 @@ class LipschitzBound(nn.Module):
         power_every: move the power-iteration vectors only every ``power_every``-th training
             call (default 1, paper Alg. 1); the estimate ``||A u||`` is recomputed from the held
             vectors on every call, so it follows the weights, at a fraction of the cost.
+        bound_every: lazy bound (issue 16): in training mode only every ``bound_every``-th call
+            computes the bound; the calls between return that result, detached (no walk, no
+            power iteration: the margin uses the held bound, the step has no bound gradient).
+            The computed calls return it with its gradient scaled by ``bound_every``, so the
+            bound's pull on the weights is the same on average: the "lazy regularization" of
+            Karras et al. (2020, StyleGAN2 §3.1). Default 1: every call (paper Alg. 1).
         power_steps: power-iteration steps per linear map per training call (paper Alg. 1: 1).
             Deep nets with wide layers (e.g. 4C3F) need more: with one step the product of
             the per-layer estimates can trail the true bound by tens of percent, and training
@@ -362,6 +372,7 @@ class LipschitzBound(nn.Module):
         estimate_steps: int = 0,
         power_steps: int = 1,
         power_every: int = 1,
+        bound_every: int = 1,
         seed: int = 0,
     ):
         super().__init__()
@@ -379,6 +390,9 @@ class LipschitzBound(nn.Module):
         if isinstance(power_every, bool) or not isinstance(power_every, int) or power_every < 1:
             raise InputError(f"power_every must be an integer >= 1, got {power_every!r}")
         self.power_every = power_every
+        if isinstance(bound_every, bool) or not isinstance(bound_every, int) or bound_every < 1:
+            raise InputError(f"bound_every must be an integer >= 1, got {bound_every!r}")
+        self.bound_every = bound_every
         self._calls = 0
         self.seed = int(seed)
         self._vector_names: list[str] = []
@@ -452,6 +466,9 @@ class LipschitzBound(nn.Module):
         #: per linear map, the gradient d sigma / dW of the last power-iteration update, held
         #: while ``power_every`` > 1 skips updates (``power.training_estimate``)
         self._held_grads: dict[str, torch.Tensor] = {}
+        #: the last computed training bound per ``pairwise`` flag, detached, returned by the
+        #: calls ``bound_every`` > 1 skips
+        self._held_bounds: dict[bool, torch.Tensor] = {}
         self._find_head()
         self._find_fusions()
         self._find_segments()
@@ -845,6 +862,12 @@ class LipschitzBound(nn.Module):
         use_pairwise = self.has_pairwise if pairwise is None else bool(pairwise)
         if use_pairwise and not self.has_pairwise:
             raise InputError("pairwise bounds need a network whose last layer is nn.Linear")
+        lazy = self.training and self.bound_every > 1
+        held = self._held_bounds.get(use_pairwise) if lazy else None
+        if held is not None and self._calls % self.bound_every:
+            self._calls += 1
+            self.last_sigmas = {k: v.detach() for k, v in self.last_sigmas.items()}
+            return held
         ctx, (first, _) = self._walk("train", pairwise=use_pairwise)
         if self.training:
             self._calls += 1
@@ -853,6 +876,10 @@ class LipschitzBound(nn.Module):
         #: the estimate this call returned, detached (training logs compare it with the
         #: guaranteed bound to show when power iteration stops tracking the weights)
         self.last_estimate = first.detach()
+        if lazy:
+            self._held_bounds = {use_pairwise: self.last_estimate}
+            # value unchanged, gradient x bound_every (lazy regularization)
+            first = self.last_estimate + self.bound_every * (first - self.last_estimate)
         return first
 
     def _digest(self) -> bytes:
