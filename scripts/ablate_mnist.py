@@ -71,6 +71,11 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         BASE,
         ["bound_every=4"],
     ),
+    "be4-ps10": (
+        "base with bound_every = 4 and 10 power-iteration steps per computed bound (issue 16)",
+        BASE,
+        ["bound_every=4", "power_steps=10"],
+    ),
     "c4f3-ps1": (
         "4C3F, MaxMin, c = 2, lr 1e-4, 1 power step per update (paper Alg. 1), "
         "stopped after 14 of 45 epochs",
@@ -86,6 +91,11 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         "4C3F, MaxMin, c = 2, lr 1e-4, 10 power steps per update, 40 ep, steps 28/36",
         C4F3,
         [],
+    ),
+    "c4f3-be4": (
+        "c4f3 with the lazy bound every 4th step (bound_every = 4, its gradient x4, issue 16)",
+        C4F3,
+        ["bound_every=4"],
     ),
     # issue 15 (session 4): one change at a time from the c4f3 row
     "c4f3-lr3e-4": (

@@ -176,6 +176,29 @@ def test_max_gram_eigenvalue_is_certified_on_random_psd_stacks() -> None:
         assert mu <= top * (1 + 2e-9), (n, mu, top)
 
 
+@pytest.mark.parametrize("hidden", [1, 6, 37])
+def test_max_gram_eigenvalue_finds_a_maximum_the_subsampled_estimates_skip(hidden) -> None:
+    """Candidate estimates run on every ``_ESTIMATE_STRIDE``-th matrix of a large stack: a
+    maximum at an unsampled index (far above the rest, or barely) is still found, certified
+    and not exceeded by more than ``eta``."""
+    assert hidden % norms._ESTIMATE_STRIDE != 0 and norms._ESTIMATE_STRIDE > 1
+    g = seeded(hidden)
+    n, nb = 48, 64
+    a = torch.randn((nb, n, n), generator=g, dtype=F64) + 1j * torch.randn(
+        (nb, n, n), generator=g, dtype=F64
+    )
+    q, _ = torch.linalg.qr(a)
+    ev = torch.rand((nb, n), generator=g, dtype=F64) * 0.9
+    ev[:, 0] = 1.0
+    ev[hidden, 0] = 1.5 if hidden != 6 else 1.0 + 1e-7
+    gram = (q * ev[:, None, :].to(q.dtype)) @ q.mH
+    gram = (gram + gram.mH) / 2
+    top = float(torch.linalg.eigvalsh(gram)[..., -1].max())
+    assert top == pytest.approx(float(ev[hidden, 0]), rel=1e-12)
+    mu = float(norms._max_gram_eigenvalue(norms._GramStack(gram)))
+    assert top * (1 - 1e-13) <= mu <= top * (1 + 2e-9), (mu, top)
+
+
 @st.composite
 def conv_configs(draw):
     dim = draw(st.sampled_from([1, 2]))

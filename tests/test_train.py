@@ -243,6 +243,18 @@ def test_resume_allows_and_records_schedule_changes(tmp_path, data_dir, capsys) 
     assert [r["epoch"] for r in runs.read_log(run)] == [1, 2]
 
 
+def test_resume_may_change_the_cost_knobs_of_the_bound(tmp_path, data_dir) -> None:
+    """power_every and bound_every (issue 16) trade training time against tracking; a
+    resumed run may change them, and bound_every = 0 is refused."""
+    run, cfg = _small_run(tmp_path, data_dir)
+    new = replace(cfg, epochs=2, power_every=2, bound_every=3)
+    record = train(new, run, resume=True, data_dir=data_dir, progress=False)
+    assert record["epoch"] == 2
+    assert json.loads((run / "config.json").read_text())["bound_every"] == 3
+    with pytest.raises(ConfigError, match="bound_every"):
+        replace(cfg, bound_every=0).validate()
+
+
 def test_checkpoint_files_have_ordinary_mode(tmp_path, data_dir) -> None:
     run, _ = _small_run(tmp_path, data_dir)
     mask = os.umask(0o022)
