@@ -231,7 +231,7 @@ LITERATURE = [
     ("LMT re-run in BCP (Lee et al., NeurIPS 2020)", "86.48", "40.55", ""),
     ("GloRo (Leino et al., ICML 2021), 4C3F, MinMax", "", "62.8", ""),
 ]
-README_ROWS = ["paper", "base", "c4f3", "c4f3-lr3e-4", "c4f3-lr3e-4-ema"]
+README_ROWS = ["paper", "base", "be4-ps10", "c4f3", "c4f3-lr3e-4", "c4f3-lr3e-4-ema"]
 
 
 def write_readme_table() -> None:
