@@ -76,6 +76,11 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         BASE,
         ["bound_every=4", "power_steps=10"],
     ),
+    "be8-ps20": (
+        "base with bound_every = 8 and 20 power-iteration steps per computed bound (issue 16)",
+        BASE,
+        ["bound_every=8", "power_steps=20"],
+    ),
     "c4f3-ps1": (
         "4C3F, MaxMin, c = 2, lr 1e-4, 1 power step per update (paper Alg. 1), "
         "stopped after 14 of 45 epochs",
