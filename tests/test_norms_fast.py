@@ -238,9 +238,10 @@ def test_fast_equals_reference_property(cfg) -> None:
         assert fast >= exact * (1 - REL), (fast, exact)
 
 
-def test_scipy_blas_follows_torch_thread_count() -> None:
-    """SciPy's OpenBLAS, used for large Cholesky screens, is limited to torch's thread count
-    while it runs (its spinning threads made certified() 35x slower beside busy processes)."""
+def test_scipy_blas_is_held_to_one_thread_in_the_screens() -> None:
+    """SciPy's OpenBLAS, used for large Cholesky screens, is limited to one thread while it
+    runs (its spinning threads made certified() 35x slower beside busy processes, and 2x slower
+    beside torch's own second thread)."""
     pytest.importorskip("scipy.linalg")
     from lipmargin.bounds.norms import _blas_controller, _blas_threads
 

@@ -528,7 +528,7 @@ def _cholesky_succeeds(a: torch.Tensor) -> torch.Tensor:
     arr = a.resolve_conj().numpy()
     potrf = lapack.cpotrf if arr.dtype == np.complex64 else lapack.zpotrf
     ok = torch.zeros(arr.shape[0], dtype=torch.bool)
-    with _blas_threads(torch.get_num_threads()):
+    with _blas_threads(1):
         for i in range(arr.shape[0]):
             _, info = potrf(arr[i].T, lower=0, clean=0, overwrite_a=1)
             ok[i] = info == 0
@@ -544,10 +544,12 @@ def _blas_controller():
 
 
 def _blas_threads(n: int):
-    """Limit SciPy's BLAS to torch's thread count. SciPy's OpenBLAS starts one thread per core
-    whatever ``torch.set_num_threads`` says; beside other busy processes its spinning threads
-    made WRN-16-4's ``certified()`` 35x slower (62 s instead of 1.8 s with two trainings
-    running on this 2-core machine)."""
+    """Limit SciPy's BLAS to ``n`` threads (the Cholesky screens use 1: one factorisation of a
+    few hundred rows at a time). SciPy's OpenBLAS starts one thread per core whatever
+    ``torch.set_num_threads`` says; beside other busy processes its spinning threads made
+    WRN-16-4's ``certified()`` 35x slower (62 s instead of 1.8 s with two trainings running on
+    this 2-core machine), and even held to torch's two threads they competed with torch's own:
+    1.33 s at two torch threads against 0.71 s with one BLAS thread (issue 16)."""
     return _blas_controller().limit(limits=max(1, n), user_api="blas")
 
 
