@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .bounds import CertifiedBound, LipschitzBound
-from .bounds.checks import check_gradients
+from .bounds.checks import check_gradients, eval_mode
 from .errors import InputError
 
 #: Relative slack subtracted from each logit difference: covers float32 rounding of the forward
@@ -151,7 +151,10 @@ def radii_from_logits(
     if bound.pairwise is not None:
         # diff / K[t, i] where the reduced margin is positive (+inf where K[t, i] = 0: F_t - F_i
         # is constant), else 0; the target's own column never binds
-        per_pair = torch.where(diff > 0, diff / bound.pairwise.to(z.device)[y], 0.0)
+        pairwise = bound.pairwise
+        if pairwise.device != z.device:
+            pairwise = pairwise.to(z.device)
+        per_pair = torch.where(diff > 0, diff / pairwise[y], 0.0)
         return per_pair.scatter_(1, target, math.inf).min(dim=1).values
     margin = diff.scatter_(1, target, math.inf).min(dim=1).values
     return margin.clamp_min(0.0) / (math.sqrt(2.0) * bound.value)
@@ -186,15 +189,11 @@ def certify(
     _check_same_model(model, bound)
     cert = _resolve(bound, allow_estimate)
     _check_batch(x, y, cert)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.no_grad():
             logits = model(x)
         if cert.guaranteed:
             _self_check(model, x, cert, logits)
-    finally:
-        model.train(was_training)
     return radii_from_logits(logits, y, cert, rtol=rtol)
 
 
