@@ -373,8 +373,9 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
     computed matrix means the Hermitian matrix of its lower triangle (within ``err`` of ``G*``
     as well, ``T`` being symmetric).
 
-    1. Candidates: batched Lanczos (complex64, 6 steps) gives a Ritz value per matrix
-       (an ESTIMATE, only used to choose); ``eigvalsh`` of the best two (float64, plus
+    1. Candidates: batched Lanczos (complex64, 6 steps) gives a Ritz value per matrix, on
+       every ``_ESTIMATE_STRIDE``-th matrix of a large stack (ESTIMATES, only used to
+       choose: ``_subsampled_estimates``); ``eigvalsh`` of the best two (float64, plus
        ``err64``) gives ``lam``, and ``mu = lam (1 + eta)``. Every later step only shows
        ``lambda_max(G*_b) <= mu``, or computes ``lambda_max(G_b)`` by ``eigvalsh``.
     2. A matrix with a computed diagonal entry ``G_ii > mu`` is sent to ``eigvalsh``; every
@@ -392,9 +393,11 @@ def _max_gram_eigenvalue(grams: _FrequencyGrams | _GramStack) -> torch.Tensor:
        (positive diagonal, summed in float64).
     4. First in float32 (when ``32 <= n``, ``c32 n <= 5%`` and ``err32 <= 1e-3 lam``, which
        keeps the diagonal rounding below ``3.2 u32 mu``): every matrix it clears is done.
-       Where more than two are left, the candidates were not the maximum: sharper estimates
-       of those left, ``eigvalsh`` of their best two, a larger ``mu``, and the float32 test
-       again on those left (a cleared matrix stays below any larger ``mu``).
+       Where more than ``_FEW_LEFT`` are left, the candidates were not the maximum: sharper
+       estimates of those left, ``eigvalsh`` of their best two, a larger ``mu``, and the
+       float32 test again on those left (a cleared matrix stays below any larger ``mu``).
+       The first round factorises the whole stack in place (the candidates' results are
+       ignored), which saves building a second stack without them.
     5. The rest in float64 (built for those frequencies only); each failure gets its own
        ``eigvalsh`` (of ``A``: ``lambda_max = s - lambda_min(A)``, plus the diagonal rounding
        and ``err64``), and ``mu`` is raised to the largest of them where that is larger.
