@@ -419,6 +419,15 @@ def test_bad_inputs_raise_input_error() -> None:
         certify(model, x, torch.full((10,), 3, dtype=torch.long), bound)  # label out of range
     with pytest.raises(InputError, match=r"range \[-1, 0\]"):
         certify(model, x, torch.cat([y[:9], torch.tensor([-1])]), bound)  # a negative label
+    # rtol must be a finite number >= 0 (a negative one would certify misclassified points)
+    for bad_rtol in (-1e-2, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="rtol"):
+            certify(model, x, y, bound, rtol=bad_rtol)
+    # float64 logits near the overflow limit: z_t - z_i overflows, no NaN radius
+    huge = torch.tensor([[1e308, 1.5e308, -1e308], [1.5e308, 1e308, -1e308]], dtype=torch.float64)
+    scalar = CertifiedBound(1.0, None)
+    r = radii_from_logits(huge, torch.tensor([0, 0]), scalar)
+    assert not torch.isnan(r).any() and float(r[0]) == 0.0
     # the radius arithmetic alone, NaN logits
     logits = torch.zeros(2, 3)
     logits[1, 2] = float("nan")

@@ -161,3 +161,22 @@ def test_bound_every_holds_the_bound_and_scales_its_gradient() -> None:
     for bad in (0, -2, 1.5, True):
         with pytest.raises(InputError):
             LipschitzBound(model, (6,), bound_every=bad)
+
+
+def test_bound_every_scales_sigmas_and_recomputes_for_a_converted_model() -> None:
+    """The lazy bound's per-layer sigmas (what the SNR baseline penalises) get the same
+    gradient scale as the bound; a held bound is not returned for a model converted to another
+    dtype since (it is computed afresh)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    lazy = LipschitzBound(model, (6,), bound_every=2).train()
+    every = LipschitzBound(model, (6,)).train()
+    every.load_state_dict(lazy.state_dict())
+    lazy(pairwise=False)
+    every(pairwise=False)
+    (g_lazy,) = torch.autograd.grad(lazy.last_sigmas["_0"], model[0].weight)
+    (g_every,) = torch.autograd.grad(every.last_sigmas["_0"], model[0].weight)
+    assert torch.allclose(g_lazy, 2 * g_every)
+    model.double()
+    again = lazy(pairwise=False)  # a held call, but the held bound is float32
+    assert again.dtype == torch.float64 and again.requires_grad

@@ -9,6 +9,7 @@ in ``certify``.
 from __future__ import annotations
 
 import math
+import numbers
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -117,6 +118,8 @@ def radii_from_logits(
     Prop. 1 otherwise: ``max(0, z_t - max_{i != t} z_i) / (sqrt(2) L)``. Each difference is first
     reduced by ``rtol * (|z_t| + |z_i|)``. Misclassified points (or ties) get radius 0.
     """
+    if not (isinstance(rtol, numbers.Real) and math.isfinite(rtol) and rtol >= 0):
+        raise InputError(f"rtol must be a finite number >= 0, got {rtol!r}")
     z = logits.detach().to(torch.float64)
     if z.dim() != 2 or y.dim() != 1 or z.shape[0] != y.shape[0]:
         raise InputError(f"logits {tuple(z.shape)} and labels {tuple(y.shape)} do not match")
@@ -157,6 +160,8 @@ def radii_from_logits(
         per_pair = torch.where(diff > 0, diff / pairwise[y], 0.0)
         return per_pair.scatter_(1, target, math.inf).min(dim=1).values
     margin = diff.scatter_(1, target, math.inf).min(dim=1).values
+    # NaN only from inf - inf (float64 logits near the overflow limit): no certificate, 0
+    margin = margin.nan_to_num_(nan=0.0, posinf=math.inf)
     return margin.clamp_min(0.0) / (math.sqrt(2.0) * bound.value)
 
 
@@ -192,9 +197,12 @@ def certify(
     with eval_mode(model):
         with torch.no_grad():
             logits = model(x)
+        # first the radii (they refuse non-finite logits, bad labels and rtol with InputError),
+        # then the self-check: no radii are returned unless it passes
+        radii = radii_from_logits(logits, y, cert, rtol=rtol)
         if cert.guaranteed:
             _self_check(model, x, cert, logits)
-    return radii_from_logits(logits, y, cert, rtol=rtol)
+    return radii
 
 
 def certified_accuracy(radii: torch.Tensor, eps: float) -> float:
@@ -254,18 +262,15 @@ def evaluate(
     _check_same_model(model, bound)
     cert = _resolve(bound, allow_estimate=False)
     radii, correct = [], []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for xb, yb in batches:
             _check_batch(xb, yb, cert)
             with torch.no_grad():
                 logits = model(xb)
+            batch_radii = radii_from_logits(logits, yb, cert, rtol=rtol)  # InputError first
             _self_check(model, xb, cert, logits)
-            radii.append(radii_from_logits(logits, yb, cert, rtol=rtol).cpu())
+            radii.append(batch_radii.cpu())
             correct.append((logits.argmax(1) == yb.to(logits.device)).cpu())
-    finally:
-        model.train(was_training)
     if not radii:
         raise InputError("no data to certify")
     r = torch.cat(radii)

@@ -114,7 +114,7 @@ def _same(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
     """Equal (equal infinities and both-NaN included) or within ``tol`` elementwise."""
     if a.shape != b.shape:
         return False
-    if a.dtype == b.dtype and a.dtype.is_floating_point:  # one fused call (hot in certify)
+    if a.dtype == b.dtype and a.dtype.is_floating_point and math.isfinite(tol):  # hot path
         return bool(torch.isclose(a, b, rtol=0.0, atol=tol, equal_nan=True).all())
     equal = (a == b) | (torch.isnan(a) & torch.isnan(b))  # equal infinities, both NaN
     diff = (a - b).abs().masked_fill(equal, 0.0)

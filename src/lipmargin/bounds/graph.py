@@ -864,7 +864,7 @@ class LipschitzBound(nn.Module):
             raise InputError("pairwise bounds need a network whose last layer is nn.Linear")
         lazy = self.training and self.bound_every > 1
         held = self._held_bounds.get(use_pairwise) if lazy else None
-        if held is not None and self._calls % self.bound_every:
+        if held is not None and self._calls % self.bound_every and self._holds(held):
             self._calls += 1
             self.last_sigmas = {k: v.detach() for k, v in self.last_sigmas.items()}
             return held
@@ -878,9 +878,20 @@ class LipschitzBound(nn.Module):
         self.last_estimate = first.detach()
         if lazy:
             self._held_bounds = {use_pairwise: self.last_estimate}
-            # value unchanged, gradient x bound_every (lazy regularization)
-            first = self.last_estimate + self.bound_every * (first - self.last_estimate)
+            # value unchanged, gradient x bound_every (lazy regularization), also for the
+            # per-layer sigmas that baselines (SNR) penalise
+            first = _ScaleGrad.apply(first, float(self.bound_every))
+            self.last_sigmas = {
+                k: _ScaleGrad.apply(v, float(self.bound_every)) for k, v in ctx.sigmas.items()
+            }
         return first
+
+    def _holds(self, held: torch.Tensor) -> bool:
+        """Whether a held training bound still matches the model's device and dtype (a model
+        moved or converted since: compute afresh)."""
+        for p in self.model.parameters():
+            return held.device == p.device and held.dtype == p.dtype
+        return True
 
     def _digest(self) -> bytes:
         """Content digest of every tensor the model holds (parameters, buffers and plain tensor
@@ -980,6 +991,19 @@ class LipschitzBound(nn.Module):
             f"input_shape={self.input_shape}, linear_maps={len(self._vector_names)}, "
             f"pairwise={self.has_pairwise}, conv_method={self.conv_method!r}"
         )
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in forward, gradient times ``scale`` in backward (the lazy bound)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
 
 
 def _safe_norm(diff: torch.Tensor) -> torch.Tensor:
