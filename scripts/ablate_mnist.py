@@ -69,17 +69,29 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     "be4": (
         "base with the lazy bound every 4th step (bound_every = 4, its gradient x4, issue 16)",
         BASE,
+        ["bound_every=4", 'lazy_gradient="scaled"'],
+    ),
+    "be4-held": (
+        "base with the lazy bound every 4th step, a held first-order model between "
+        "(bound_every = 4, lazy_gradient = held, issue 16)",
+        BASE,
         ["bound_every=4"],
+    ),
+    "be8-held": (
+        "base with the lazy bound every 8th step, a held first-order model between "
+        "(bound_every = 8, lazy_gradient = held, issue 16)",
+        BASE,
+        ["bound_every=8"],
     ),
     "be4-ps10": (
         "base with bound_every = 4 and 10 power-iteration steps per computed bound (issue 16)",
         BASE,
-        ["bound_every=4", "power_steps=10"],
+        ["bound_every=4", "power_steps=10", 'lazy_gradient="scaled"'],
     ),
     "be8-ps20": (
         "base with bound_every = 8 and 20 power-iteration steps per computed bound (issue 16)",
         BASE,
-        ["bound_every=8", "power_steps=20"],
+        ["bound_every=8", "power_steps=20", 'lazy_gradient="scaled"'],
     ),
     "c4f3-ps1": (
         "4C3F, MaxMin, c = 2, lr 1e-4, 1 power step per update (paper Alg. 1), "
@@ -100,13 +112,19 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     "c4f3-be4": (
         "c4f3 with the lazy bound every 4th step (bound_every = 4, its gradient x4, issue 16)",
         C4F3,
+        ["bound_every=4", 'lazy_gradient="scaled"'],
+    ),
+    "c4f3-be4-held": (
+        "c4f3 with the lazy bound every 4th step, a held first-order model between "
+        "(bound_every = 4, lazy_gradient = held, issue 16)",
+        C4F3,
         ["bound_every=4"],
     ),
     "c4f3-best-be4": (
         "c4f3 with Adam lr 3e-4, ema_decay = 0.999 and bound_every = 4 (the shipped recipe "
         "with the lazy bound instead of power_every = 2, issue 16)",
         C4F3,
-        ["lr=3e-4", "ema_decay=0.999", "bound_every=4"],
+        ["lr=3e-4", "ema_decay=0.999", "bound_every=4", 'lazy_gradient="scaled"'],
     ),
     # issue 15 (session 4): one change at a time from the c4f3 row
     "c4f3-lr3e-4": (

@@ -132,13 +132,14 @@ def test_skipped_updates_reuse_the_held_gradient() -> None:
     assert float(sigma(bound)) <= float(sigma(fresh)) * (1 + 1e-6)
 
 
-def test_bound_every_holds_the_bound_and_scales_its_gradient() -> None:
-    """Issue 16, lazy bound: with ``bound_every = 3`` the first training call computes the
-    bound (the same value as ``bound_every = 1``, its gradient 3x), the next two return it
-    detached without touching the power-iteration vectors, the fourth computes again."""
+def test_bound_every_scaled_holds_the_bound_and_scales_its_gradient() -> None:
+    """Issue 16, lazy bound with ``lazy_gradient="scaled"``: with ``bound_every = 3`` the
+    first training call computes the bound (the same value as ``bound_every = 1``, its gradient
+    3x), the next two return it detached without touching the power-iteration vectors, the
+    fourth computes again."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    lazy = LipschitzBound(model, (6,), bound_every=3).train()
+    lazy = LipschitzBound(model, (6,), bound_every=3, lazy_gradient="scaled").train()
     every = LipschitzBound(model, (6,)).train()
     every.load_state_dict(lazy.state_dict())
     k_lazy, k_every = lazy(), every()
@@ -161,6 +162,81 @@ def test_bound_every_holds_the_bound_and_scales_its_gradient() -> None:
     for bad in (0, -2, 1.5, True):
         with pytest.raises(InputError):
             LipschitzBound(model, (6,), bound_every=bad)
+    with pytest.raises(InputError, match="lazy_gradient"):
+        LipschitzBound(model, (6,), bound_every=2, lazy_gradient="stale")
+
+
+def _chain() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_bound_every_held_is_a_first_order_model(pairwise: bool) -> None:
+    """Issue 16, lazy bound with ``lazy_gradient="held"`` (default): a computed call returns
+    the bound with its own (unscaled) gradient; a skipped call at the same weights returns the
+    same value and the same gradient without moving the power-iteration vectors; after a small
+    weight change it agrees with the exact bound at the held vectors to second order, and the
+    head's rows are always the current ones."""
+    model = _chain()
+    lazy = LipschitzBound(model, (6,), bound_every=3).train()
+    # the estimate at lazy's first vectors, which evaluation mode does not move
+    every = LipschitzBound(model, (6,)).eval()
+    every.load_state_dict(lazy.state_dict())
+    params = [p for p in model.parameters()]
+
+    def grads(k: torch.Tensor) -> list[torch.Tensor]:
+        found = torch.autograd.grad(k.sum(), params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, found)]
+
+    k_lazy, k_every = lazy(pairwise=pairwise), every(pairwise=pairwise)
+    assert torch.equal(k_lazy.detach(), k_every.detach())
+    reference = grads(k_every)
+    for a, b in zip(grads(k_lazy), reference):
+        assert torch.allclose(a, b)
+    vectors = {k: v.clone() for k, v in lazy.state_dict().items()}
+    held = lazy(pairwise=pairwise)  # the same weights: the same value and gradient
+    assert torch.allclose(held, k_every.detach(), rtol=1e-5)
+    for a, b in zip(grads(held), reference):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    torch.manual_seed(1)
+    for eps in (1e-2, 1e-3):
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p in params:
+                p.add_(eps * torch.randn_like(p))
+        lazy._calls = 1  # a skipped call
+        approx = lazy(pairwise=pairwise).detach()
+        exact = every(pairwise=pairwise).detach()
+        err = float((approx - exact).abs().max() / exact.abs().max())
+        assert err < 50 * eps**2, (eps, err)  # second order: ~25 eps^2 measured
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+    for k, v in lazy.state_dict().items():
+        assert torch.equal(v, vectors[k])
+    lazy._calls = 3
+    assert lazy(pairwise=pairwise).grad_fn is not None  # computed again
+    assert not all(torch.equal(v, vectors[k]) for k, v in lazy.state_dict().items())
+
+
+def test_bound_every_held_sees_the_head_weight_of_a_normalized_linear() -> None:
+    """With a head computed from parameters (``F.linear`` with a row-normalised weight) the
+    skipped calls recompute the head's weight from its parameters: pairwise distances and
+    their gradient are exact there."""
+    from lipmargin.layers import NormalizedLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), NormalizedLinear(5, 3))
+    lazy = LipschitzBound(model, (6,), bound_every=2).train()
+    assert lazy.has_pairwise
+    first = lazy()
+    head = model[2]
+    (g_first,) = torch.autograd.grad(first.sum(), head.weight)
+    second = lazy()
+    assert second.grad_fn is not None and torch.allclose(second, first.detach(), rtol=1e-5)
+    (g_second,) = torch.autograd.grad(second.sum(), head.weight)
+    assert torch.allclose(g_first, g_second, rtol=1e-4, atol=1e-7)
 
 
 def test_bound_every_scales_sigmas_and_recomputes_for_a_converted_model() -> None:

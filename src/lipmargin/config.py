@@ -18,6 +18,8 @@ from .losses import LOSSES
 AUGMENTATIONS = ("none", "shift", "crop", "crop-flip")  # data.AUGMENTATIONS
 LOADERS = ("auto", "memory", "dataloader")
 AMP_MODES = ("none", "bf16", "fp16")
+#: what the training steps between lazy bounds use (``LipschitzBound(lazy_gradient=)``)
+LAZY_GRADIENTS = ("held", "scaled")
 METHODS = ("lmt", "plain", "weight_decay", "snr", "parseval", "adversarial")
 OPTIMIZERS = ("adam", "sgd", "nesterov")
 
@@ -39,8 +41,11 @@ class TrainConfig:
     release_factor: bool = True
     power_steps: int = 1  # power-iteration steps per update (paper Alg. 1: 1)
     power_every: int = 1  # power-iteration update every k training steps (sigma every step)
-    # lazy bound: the bound (and its gradient, scaled by k) every k training steps, held between
+    # lazy bound: the graph walked every k training steps only (issue 16); the steps between
+    # use a held first-order model of the bound ("held") or the held bound with the computed
+    # steps' gradient scaled by k ("scaled", lazy regularization)
     bound_every: int = 1
+    lazy_gradient: str = "held"
     # margin loss of method "lmt" (issue 15), eps = c above (with its warm-up): "lmt" (paper
     # Alg. 1), "gloro" (Leino et al. 2021), "emma" (Hu et al. 2023), "cll" (Losch et al. 2023)
     loss: str = "lmt"
@@ -188,6 +193,7 @@ class TrainConfig:
             ("augment", AUGMENTATIONS),
             ("loader", LOADERS),
             ("amp", AMP_MODES),
+            ("lazy_gradient", LAZY_GRADIENTS),
         ):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")

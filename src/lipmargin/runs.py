@@ -61,6 +61,7 @@ RESUMABLE_KEYS = (
     "device",
     "power_every",
     "bound_every",
+    "lazy_gradient",
     "loader",
     "num_workers",
 )
@@ -299,6 +300,7 @@ def load_run(
         power_steps=cfg.power_steps,
         power_every=cfg.power_every,
         bound_every=cfg.bound_every,
+        lazy_gradient=cfg.lazy_gradient,
     ).to(dev)
     bound.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("bound.")})
     check_same_device(model, bound)

@@ -138,6 +138,7 @@ def train(
         power_steps=cfg.power_steps,
         power_every=cfg.power_every,
         bound_every=cfg.bound_every,
+        lazy_gradient=cfg.lazy_gradient,
     ).to(device)
     opt = runs.make_optimizer(cfg, model)
     scaler = _grad_scaler(device, enabled=cfg.amp == "fp16")

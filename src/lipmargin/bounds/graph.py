@@ -40,6 +40,7 @@ _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 CONV_METHODS = ("fft", "closed_form", "power")
+LAZY_GRADIENTS = ("held", "scaled")
 _INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ipow", "imatmul", "iand", "ior"}
 
 
@@ -197,6 +198,11 @@ class WalkContext:
         self.rows: list[LayerRow] = []
         self.sigmas: dict[str, torch.Tensor] = {}
         self.consts: dict[str, Any] = {}
+        #: the bound of the final linear layer's input (set by the pairwise output)
+        self.head_input: torch.Tensor | None = None
+        #: whether a BatchNorm scale used the batch's variance (a gradient path into the
+        #: activations that the lazy bound's first-order model does not hold)
+        self.batch_statistics = False
         self.dtype = torch.float64 if mode == "certify" else torch.float32
 
     # -- reading the graph -------------------------------------------------------------
@@ -249,6 +255,7 @@ class WalkContext:
         var = None
         if self.mode == "train" and bn.training:
             var = self.owner._batch_var.pop(bn_node.name, None)
+            self.batch_statistics = self.batch_statistics or var is not None
         if var is None:
             if bn.running_var is None:
                 raise UnsupportedOperationError(
@@ -343,11 +350,18 @@ class LipschitzBound(nn.Module):
             call (default 1, paper Alg. 1); the estimate ``||A u||`` is recomputed from the held
             vectors on every call, so it follows the weights, at a fraction of the cost.
         bound_every: lazy bound (issue 16): in training mode only every ``bound_every``-th call
-            computes the bound; the calls between return that result, detached (no walk, no
-            power iteration: the margin uses the held bound, the step has no bound gradient).
-            The computed calls return it with its gradient scaled by ``bound_every``, so the
-            bound's pull on the weights is the same on average: the "lazy regularization" of
-            Karras et al. (2020, StyleGAN2 §3.1). Default 1: every call (paper Alg. 1).
+            walks the graph and moves the power-iteration vectors; the calls between reuse what
+            that call found, as ``lazy_gradient`` says. Default 1: every call (paper Alg. 1).
+        lazy_gradient: what the calls ``bound_every`` skips return. ``"held"`` (default): a
+            first-order model of the body's factor held from the last computed call,
+            ``L(W) ~ L_h exp(<W - W_h, dL/dW(W_h)> / L_h)`` (the bound of the head's input with
+            a final linear layer, of the whole map otherwise), times the exact pairwise row
+            distances of the head's CURRENT weights (Prop. 2): every step gets a bound gradient,
+            equal to the computed one at the computed steps, for one node and a few dot products
+            (``_FirstOrder``). ``"scaled"``: the held bound, detached (no gradient), and the
+            computed calls' gradient scaled by ``bound_every`` so the pull is the same on
+            average: the "lazy regularization" of Karras et al. (2020, StyleGAN2 §3.1).
+            The per-layer ``last_sigmas`` (the SNR baseline) are lazy as in ``"scaled"``.
         power_steps: power-iteration steps per linear map per training call (paper Alg. 1: 1).
             Deep nets with wide layers (e.g. 4C3F) need more: with one step the product of
             the per-layer estimates can trail the true bound by tens of percent, and training
@@ -373,6 +387,7 @@ class LipschitzBound(nn.Module):
         power_steps: int = 1,
         power_every: int = 1,
         bound_every: int = 1,
+        lazy_gradient: str = "held",
         seed: int = 0,
     ):
         super().__init__()
@@ -393,6 +408,11 @@ class LipschitzBound(nn.Module):
         if isinstance(bound_every, bool) or not isinstance(bound_every, int) or bound_every < 1:
             raise InputError(f"bound_every must be an integer >= 1, got {bound_every!r}")
         self.bound_every = bound_every
+        if lazy_gradient not in LAZY_GRADIENTS:
+            raise InputError(
+                f"lazy_gradient must be one of {LAZY_GRADIENTS}, got {lazy_gradient!r}"
+            )
+        self.lazy_gradient = lazy_gradient
         self._calls = 0
         self.seed = int(seed)
         self._vector_names: list[str] = []
@@ -466,9 +486,9 @@ class LipschitzBound(nn.Module):
         #: per linear map, the gradient d sigma / dW of the last power-iteration update, held
         #: while ``power_every`` > 1 skips updates (``power.training_estimate``)
         self._held_grads: dict[str, torch.Tensor] = {}
-        #: the last computed training bound per ``pairwise`` flag, detached, returned by the
-        #: calls ``bound_every`` > 1 skips
-        self._held_bounds: dict[bool, torch.Tensor] = {}
+        #: what the last computed training call left for the calls ``bound_every`` > 1 skips,
+        #: per ``pairwise`` flag (``_Held``)
+        self._held_bounds: dict[bool, _Held] = {}
         self._find_head()
         self._find_fusions()
         self._find_segments()
@@ -563,6 +583,7 @@ class LipschitzBound(nn.Module):
         out = next(n for n in self._graph_module.graph.nodes if n.op == "output")
         arg = out.args[0]
         self._head: torch.fx.Node | None = None
+        self._head_weight_nodes: list[torch.fx.Node] = []
         if not isinstance(arg, torch.fx.Node) or len(arg.users) != 1:
             return
         if (
@@ -584,6 +605,17 @@ class LipschitzBound(nn.Module):
                 and not (isinstance(bias, torch.fx.Node) and self._depends[bias.name])
             ):
                 self._head = arg
+                # the constant nodes that compute its weight, in graph order (lazy bound)
+                ancestors: set[str] = set()
+                stack = [weight]
+                while stack:
+                    n = stack.pop()
+                    if n.name not in ancestors:
+                        ancestors.add(n.name)
+                        stack.extend(_node_args(n))
+                self._head_weight_nodes = [
+                    n for n in self._graph_module.graph.nodes if n.name in ancestors
+                ]
 
     def _head_parts(self, ctx: WalkContext) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(bound of the head's input, head weight as the mode needs it)."""
@@ -838,10 +870,11 @@ class LipschitzBound(nn.Module):
             l_in, w = self._head_parts(ctx)
             if l_in is None:
                 raise UnsupportedOperationError("the logits do not depend on the input")
-            diff = w[:, None, :] - w[None, :, :]
-            dist = _safe_norm(diff)
+            ctx.head_input = l_in
             if ctx.mode == "certify":
-                dist = dist * (1.0 + norms.FLOAT64_SLACK)
+                dist = _safe_norm(w[:, None, :] - w[None, :, :]) * (1.0 + norms.FLOAT64_SLACK)
+            else:
+                dist = _row_distances(w)
             return l_in * dist, ctx.L(arg)
         return ctx.L(arg), None
 
@@ -864,10 +897,14 @@ class LipschitzBound(nn.Module):
             raise InputError("pairwise bounds need a network whose last layer is nn.Linear")
         lazy = self.training and self.bound_every > 1
         held = self._held_bounds.get(use_pairwise) if lazy else None
-        if held is not None and self._calls % self.bound_every and self._holds(held):
+        if held is not None and self._calls % self.bound_every and held.holds(self.model):
             self._calls += 1
             self.last_sigmas = {k: v.detach() for k, v in self.last_sigmas.items()}
-            return held
+            if self.lazy_gradient == "scaled":
+                return held.value
+            first = self._held_call(held, use_pairwise)
+            self.last_estimate = first.detach()
+            return first
         ctx, (first, _) = self._walk("train", pairwise=use_pairwise)
         if self.training:
             self._calls += 1
@@ -877,21 +914,41 @@ class LipschitzBound(nn.Module):
         #: guaranteed bound to show when power iteration stops tracking the weights)
         self.last_estimate = first.detach()
         if lazy:
-            self._held_bounds = {use_pairwise: self.last_estimate}
-            # value unchanged, gradient x bound_every (lazy regularization), also for the
-            # per-layer sigmas that baselines (SNR) penalise
-            first = _ScaleGrad.apply(first, float(self.bound_every))
-            self.last_sigmas = {
-                k: _ScaleGrad.apply(v, float(self.bound_every)) for k, v in ctx.sigmas.items()
+            scale = float(self.bound_every)
+            factor = ctx.head_input if use_pairwise else first
+            self._held_bounds = {
+                use_pairwise: _Held.at(
+                    self.last_estimate, factor, self.model, self.lazy_gradient == "held"
+                )
             }
+            if self.lazy_gradient == "scaled":
+                # value unchanged, gradient x bound_every (lazy regularization)
+                first = _ScaleGrad.apply(first, scale)
+            elif not ctx.batch_statistics:
+                # the factor depends on the parameters only: its first-order model has the same
+                # value and gradient here, and the loss's backward skips the walk's graph
+                first = self._held_call(self._held_bounds[use_pairwise], use_pairwise)
+            # the per-layer sigmas that baselines (SNR) penalise: lazy regularization
+            self.last_sigmas = {k: _ScaleGrad.apply(v, scale) for k, v in ctx.sigmas.items()}
         return first
 
-    def _holds(self, held: torch.Tensor) -> bool:
-        """Whether a held training bound still matches the model's device and dtype (a model
-        moved or converted since: compute afresh)."""
-        for p in self.model.parameters():
-            return held.device == p.device and held.dtype == p.dtype
-        return True
+    def _held_call(self, held: _Held, pairwise: bool) -> torch.Tensor:
+        """A call ``bound_every`` skips, ``lazy_gradient="held"``: the held first-order model
+        of the body's factor, times the pairwise row distances of the head's current weights."""
+        factor = _FirstOrder.apply(held, *held.params)
+        if not pairwise:
+            return factor
+        return factor * _row_distances(self._head_weight())
+
+    def _head_weight(self) -> torch.Tensor:
+        """The final linear layer's weight as it is now, differentiable."""
+        head = self._head
+        if head.op == "call_module":
+            return self._graph_module.get_submodule(str(head.target)).weight
+        ctx = WalkContext(self, "train")
+        for node in self._head_weight_nodes:
+            ctx.consts[node.name] = self._constant_value(ctx, node)
+        return ctx.value(_call_arg(head, 1, "weight"))
 
     def _digest(self) -> bytes:
         """Content digest of every tensor the model holds (parameters, buffers and plain tensor
@@ -1006,6 +1063,73 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+@dataclass(eq=False)
+class _Held:
+    """What a computed training call leaves for the calls ``bound_every`` skips: its bound
+    (detached) and, for ``lazy_gradient="held"``, the factor ``L_h`` (the bound of the head's
+    input, or of the whole map) with its gradient ``g_p = dL/dp`` for every trainable parameter
+    ``p`` it depends on, and ``offset = sum_p <p_h, g_p>`` at the parameters of that call."""
+
+    value: torch.Tensor
+    factor: torch.Tensor
+    params: tuple[torch.Tensor, ...] = ()
+    grads: tuple[torch.Tensor, ...] = ()
+    offset: torch.Tensor | float = 0.0
+
+    @classmethod
+    def at(cls, value: torch.Tensor, factor: torch.Tensor, model: nn.Module, grads: bool) -> _Held:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not grads or not factor.requires_grad or not params:
+            return cls(value, factor.detach())
+        found = torch.autograd.grad(factor, params, retain_graph=True, allow_unused=True)
+        pairs = [(p, g) for p, g in zip(params, found) if g is not None]
+        with torch.no_grad():
+            offset = sum((_dot(p, g) for p, g in pairs), factor.new_zeros(()))
+        return cls(
+            value,
+            factor.detach(),
+            tuple(p for p, _ in pairs),
+            tuple(g for _, g in pairs),
+            offset,
+        )
+
+    def holds(self, model: nn.Module) -> bool:
+        """Whether this still fits the model: same device and dtype (not converted since) and
+        the same parameter shapes."""
+        for p in model.parameters():
+            if p.device != self.value.device or p.dtype != self.value.dtype:
+                return False
+            break
+        return all(p.shape == g.shape for p, g in zip(self.params, self.grads))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+class _FirstOrder(torch.autograd.Function):
+    """The held factor at the current parameters, to first order in log space:
+    ``L_h exp((sum_p <p, g_p> - offset) / L_h)``. Its value and gradient equal those of the
+    computed factor at the parameters of the computed call; it stays positive (log-linear, as
+    the factor is a product of per-layer norms along a chain), and costs one dot product per
+    parameter forward and one scaled copy of ``g_p`` backward."""
+
+    @staticmethod
+    def forward(ctx: Any, held: _Held, *params: torch.Tensor) -> torch.Tensor:
+        scale = held.factor.clamp_min(torch.finfo(held.factor.dtype).tiny)
+        shift = sum((_dot(p, g) for p, g in zip(params, held.grads)), -held.offset)
+        out = held.factor * torch.exp(shift / scale)
+        ctx.held = held
+        ctx.save_for_backward(out / scale)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (ratio,) = ctx.saved_tensors
+        k = grad * ratio
+        return (None, *(k * g for g in ctx.held.grads))
+
+
 def _safe_norm(diff: torch.Tensor) -> torch.Tensor:
     """Row-pair distances ``||w_t - w_i||`` with a zero (not NaN) gradient where rows coincide;
     scaled by the largest entry so that tiny weights do not underflow to 0 when squared."""
@@ -1015,6 +1139,18 @@ def _safe_norm(diff: torch.Tensor) -> torch.Tensor:
     zero = torch.eye(sq.shape[0], dtype=torch.bool, device=sq.device) | (sq <= 0)
     safe = torch.where(zero, torch.ones_like(sq), sq)
     return torch.where(zero, torch.zeros_like(sq), torch.sqrt(safe)) * scale
+
+
+def _row_distances(w: torch.Tensor) -> torch.Tensor:
+    """Training-time ``||w_t - w_i||`` for all row pairs: ``torch.cdist`` (3x faster than
+    ``_safe_norm`` with its gradient; 0, not NaN, where rows coincide) on rows scaled by their
+    largest entry (held constant) so that tiny weights do not underflow when squared. Other
+    dtypes than float32/64 (cdist has no half-precision kernels) use ``_safe_norm``."""
+    if w.dtype not in (torch.float32, torch.float64):
+        return _safe_norm(w[:, None, :] - w[None, :, :])
+    scale = w.detach().abs().max().clamp_min(torch.finfo(w.dtype).tiny)
+    rows = w / scale
+    return torch.cdist(rows, rows, compute_mode="donot_use_mm_for_euclid_dist") * scale
 
 
 def _is_simple(v: Any, depth: int = 0) -> bool:
