@@ -187,17 +187,17 @@ def test_bound_every_held_is_a_first_order_model(pairwise: bool) -> None:
 
     def grads(k: torch.Tensor) -> list[torch.Tensor]:
         found = torch.autograd.grad(k.sum(), params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, found)]
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, found, strict=True)]
 
     k_lazy, k_every = lazy(pairwise=pairwise), every(pairwise=pairwise)
     assert torch.equal(k_lazy.detach(), k_every.detach())
     reference = grads(k_every)
-    for a, b in zip(grads(k_lazy), reference):
+    for a, b in zip(grads(k_lazy), reference, strict=True):
         assert torch.allclose(a, b)
     vectors = {k: v.clone() for k, v in lazy.state_dict().items()}
     held = lazy(pairwise=pairwise)  # the same weights: the same value and gradient
     assert torch.allclose(held, k_every.detach(), rtol=1e-5)
-    for a, b in zip(grads(held), reference):
+    for a, b in zip(grads(held), reference, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     torch.manual_seed(1)
     for eps in (1e-2, 1e-3):
@@ -211,7 +211,7 @@ def test_bound_every_held_is_a_first_order_model(pairwise: bool) -> None:
         err = float((approx - exact).abs().max() / exact.abs().max())
         assert err < 50 * eps**2, (eps, err)  # second order: ~25 eps^2 measured
         with torch.no_grad():
-            for p, s in zip(params, saved):
+            for p, s in zip(params, saved, strict=True):
                 p.copy_(s)
     for k, v in lazy.state_dict().items():
         assert torch.equal(v, vectors[k])

@@ -1082,7 +1082,7 @@ class _Held:
         if not grads or not factor.requires_grad or not params:
             return cls(value, factor.detach())
         found = torch.autograd.grad(factor, params, retain_graph=True, allow_unused=True)
-        pairs = [(p, g) for p, g in zip(params, found) if g is not None]
+        pairs = [(p, g) for p, g in zip(params, found, strict=True) if g is not None]
         with torch.no_grad():
             offset = sum((_dot(p, g) for p, g in pairs), factor.new_zeros(()))
         return cls(
@@ -1100,7 +1100,7 @@ class _Held:
             if p.device != self.value.device or p.dtype != self.value.dtype:
                 return False
             break
-        return all(p.shape == g.shape for p, g in zip(self.params, self.grads))
+        return all(p.shape == g.shape for p, g in zip(self.params, self.grads, strict=True))
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -1117,7 +1117,7 @@ class _FirstOrder(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, held: _Held, *params: torch.Tensor) -> torch.Tensor:
         scale = held.factor.clamp_min(torch.finfo(held.factor.dtype).tiny)
-        shift = sum((_dot(p, g) for p, g in zip(params, held.grads)), -held.offset)
+        shift = sum((_dot(p, g) for p, g in zip(params, held.grads, strict=True)), -held.offset)
         out = held.factor * torch.exp(shift / scale)
         ctx.held = held
         ctx.save_for_backward(out / scale)
