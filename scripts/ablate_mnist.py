@@ -77,6 +77,12 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         BASE,
         ["bound_every=4"],
     ),
+    "be4-ps4-held": (
+        "base with the lazy bound every 4th step, 4 power-iteration steps per computed bound "
+        "(as many per training step as the base), a held first-order model between (issue 16)",
+        BASE,
+        ["bound_every=4", "power_steps=4"],
+    ),
     "be8-held": (
         "base with the lazy bound every 8th step, a held first-order model between "
         "(bound_every = 8, lazy_gradient = held, issue 16)",

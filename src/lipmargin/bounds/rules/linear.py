@@ -12,7 +12,7 @@ from torch import nn
 from torch.fx import Node
 
 from ...errors import UnsupportedOperationError
-from .. import norms
+from .. import norms, power
 from ..operators import LinearOperator
 from ..registry import register_function, register_module
 from ._common import _args, _first
@@ -73,11 +73,11 @@ def _conv_norm(
     op = LinearOperator(
         kind,
         tuple(input_shape),
-        apply,
+        power.wide_kernels(apply, weight),
         guaranteed,
-        adjoint,
+        None if adjoint is None else power.wide_kernels(adjoint, weight),
         weight,
-        weight_grad,
+        None if weight_grad is None else power.wide_kernels(weight_grad, weight),
         estimate_only=ctx.conv_method == "power",
     )
     return ctx.linear(key_node, op)
