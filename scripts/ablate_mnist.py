@@ -83,6 +83,12 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         BASE,
         ["bound_every=4", "power_steps=4"],
     ),
+    "be8-ps8-held": (
+        "base with the lazy bound every 8th step, 8 power-iteration steps per computed bound "
+        "(as many per training step as the base), a held first-order model between (issue 16)",
+        BASE,
+        ["bound_every=8", "power_steps=8"],
+    ),
     "be8-held": (
         "base with the lazy bound every 8th step, a held first-order model between "
         "(bound_every = 8, lazy_gradient = held, issue 16)",
@@ -131,6 +137,12 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         "with the lazy bound instead of power_every = 2, issue 16)",
         C4F3,
         ["lr=3e-4", "ema_decay=0.999", "bound_every=4", 'lazy_gradient="scaled"'],
+    ),
+    "c4f3-best-be4-held": (
+        "c4f3 with Adam lr 3e-4, ema_decay = 0.999 and bound_every = 4 with a held first-order "
+        "model between (the shipped recipe with the lazy bound, issue 16)",
+        C4F3,
+        ["lr=3e-4", "ema_decay=0.999", "bound_every=4"],
     ),
     # issue 15 (session 4): one change at a time from the c4f3 row
     "c4f3-lr3e-4": (
