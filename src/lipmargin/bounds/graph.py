@@ -1075,6 +1075,7 @@ class _Held:
     params: tuple[torch.Tensor, ...] = ()
     grads: tuple[torch.Tensor, ...] = ()
     offset: torch.Tensor | float = 0.0
+    zero: torch.Tensor | float = 0.0
 
     @classmethod
     def at(cls, value: torch.Tensor, factor: torch.Tensor, model: nn.Module, grads: bool) -> _Held:
@@ -1083,14 +1084,16 @@ class _Held:
             return cls(value, factor.detach())
         found = torch.autograd.grad(factor, params, retain_graph=True, allow_unused=True)
         pairs = [(p, g) for p, g in zip(params, found, strict=True) if g is not None]
+        zero = factor.new_zeros(())
         with torch.no_grad():
-            offset = sum((_dot(p, g) for p, g in pairs), factor.new_zeros(()))
+            offset = sum((_dot(p, g) for p, g in pairs), zero)
         return cls(
             value,
             factor.detach(),
             tuple(p for p, _ in pairs),
             tuple(g for _, g in pairs),
             offset,
+            zero,
         )
 
     def holds(self, model: nn.Module) -> bool:
@@ -1117,7 +1120,9 @@ class _FirstOrder(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, held: _Held, *params: torch.Tensor) -> torch.Tensor:
         scale = held.factor.clamp_min(torch.finfo(held.factor.dtype).tiny)
-        shift = sum((_dot(p, g) for p, g in zip(params, held.grads, strict=True)), -held.offset)
+        # summed in the order ``offset`` was: exactly 0 at the parameters of the computed call
+        shift = sum((_dot(p, g) for p, g in zip(params, held.grads, strict=True)), held.zero)
+        shift = shift - held.offset
         out = held.factor * torch.exp(shift / scale)
         ctx.held = held
         ctx.save_for_backward(out / scale)

@@ -72,6 +72,10 @@ def _step(target: torch.Tensor, u: torch.Tensor, v: torch.Tensor, op: LinearOper
     operator's dtype); keeps the old vector if that is 0."""
     w = op.adjoint(v) if op.adjoint is not None else norms.transpose_apply(op.apply, u, v)
     n = w.norm()
+    if w.device.type == "cpu":  # a Python test costs no device synchronisation here
+        if n > 1e-12:
+            target.copy_(w.div_(n))
+        return
     target.copy_(torch.where(n > 1e-12, w / n.clamp_min(1e-12), u))
 
 
@@ -114,11 +118,12 @@ def training_estimate(
                     vn = op.apply(un)
                     keep[key] = op.weight_grad(un, vn / vn.norm().clamp_min(1e-30))
         return (op.weight * grad).sum()
-    v = op.apply(u.clone())
+    uw = u.to(dtype, copy=True)  # autograd keeps it: u itself moves below
+    v = op.apply(uw)
     sigma = v.norm()
     if update:
         with torch.no_grad():
-            _step(u, u, v.detach(), op)
+            _step(u, uw, v.detach(), op)
     return sigma
 
 

@@ -165,7 +165,11 @@ def batch_norm(ctx: WalkContext, node: Node) -> torch.Tensor:
 @register_module(nn.Linear)
 def linear(ctx: WalkContext, node: Node) -> torch.Tensor:
     """Dense layer: spectral norm (exact float64 SVD when certifying; power iteration while
-    training). Applied to the last axis of any leading shape, its norm is the same."""
+    training). Applied to the last axis of any leading shape, its norm is the same.
+
+    No ``weight_grad``: the training estimate ``||W u||`` goes through autograd (its backward
+    is one outer product), which costs fewer passes over a large matrix than Euler's
+    ``<W, d sigma / dW>`` (WK's 1568 x 100 layer: bound forward+backward ~0.99 -> 0.76 ms)."""
     w = ctx.tensor(ctx.module(node).weight)
     op = LinearOperator(
         "linear",
@@ -174,14 +178,8 @@ def linear(ctx: WalkContext, node: Node) -> torch.Tensor:
         lambda: norms.spectral_norm_exact(w),
         lambda v: v @ w,
         w,
-        _linear_weight_grad,
     )
     return _first(ctx, node) * ctx.linear(node, op)
-
-
-def _linear_weight_grad(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Gradient of ``<v, W u>`` w.r.t. ``W`` for inputs with any leading shape."""
-    return v.reshape(-1, v.shape[-1]).T @ u.reshape(-1, u.shape[-1])
 
 
 @register_function(F.linear)
