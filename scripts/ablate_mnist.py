@@ -89,6 +89,16 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         BASE,
         ["bound_every=8", "power_steps=8"],
     ),
+    "be4-ps10-lanczos": (
+        "be4-ps10 with the vectors moved by Lanczos (power_method = lanczos, issue 16)",
+        BASE,
+        [
+            "bound_every=4",
+            "power_steps=10",
+            'lazy_gradient="scaled"',
+            'power_method="lanczos"',
+        ],
+    ),
     "be8-held": (
         "base with the lazy bound every 8th step, a held first-order model between "
         "(bound_every = 8, lazy_gradient = held, issue 16)",
@@ -137,6 +147,12 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         "with the lazy bound instead of power_every = 2, issue 16)",
         C4F3,
         ["lr=3e-4", "ema_decay=0.999", "bound_every=4", 'lazy_gradient="scaled"'],
+    ),
+    "c4f3-be4-lanczos": (
+        "c4f3-be4 with the vectors moved by Lanczos (power_method = lanczos: the top Ritz vector "
+        "of the 9 products' Krylov space, issue 16)",
+        C4F3,
+        ["bound_every=4", 'lazy_gradient="scaled"', 'power_method="lanczos"'],
     ),
     "c4f3-best-be4-held": (
         "c4f3 with Adam lr 3e-4, ema_decay = 0.999 and bound_every = 4 with a held first-order "

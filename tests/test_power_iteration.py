@@ -257,3 +257,59 @@ def test_bound_every_scales_sigmas_and_recomputes_for_a_converted_model() -> Non
     model.double()
     again = lazy(pairwise=False)  # a held call, but the held bound is float32
     assert again.dtype == torch.float64 and again.requires_grad
+
+
+def _close_top(n: int = 40) -> nn.Module:
+    """A dense map with close top singular values (1.0, 0.99, 0.98, ...): slow for power
+    iteration, like a convolution's spectrum near its maximum."""
+    torch.manual_seed(0)
+    q1, _ = torch.linalg.qr(torch.randn(n, n))
+    q2, _ = torch.linalg.qr(torch.randn(n, n))
+    s = 1.0 - 0.01 * torch.arange(n, dtype=torch.float32)
+    lin = nn.Linear(n, n, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(q1 @ torch.diag(s) @ q2.T)
+    return nn.Sequential(lin, nn.ReLU(), nn.Linear(n, 3))
+
+
+@pytest.mark.parametrize("steps", [4, 10])
+def test_lanczos_moves_the_vector_closer_than_power_iteration(steps: int) -> None:
+    """``power_method="lanczos"``: with the same products as ``steps`` power-iteration steps the
+    estimate is closer to the true norm (1.0) where the top singular values are close, never
+    above it (a Ritz value), and the persistent vector stays a unit vector."""
+    model = _close_top()
+    power = LipschitzBound(model, (40,), power_steps=steps).train()
+    lanczos = LipschitzBound(model, (40,), power_steps=steps, power_method="lanczos").train()
+    lanczos.load_state_dict(power.state_dict())
+    est_power = float(power(pairwise=False).detach() / power.last_sigmas["_2"].detach())
+    est_lanczos = float(lanczos(pairwise=False).detach() / lanczos.last_sigmas["_2"].detach())
+    sigma_power = float(power.last_sigmas["_0"].detach())
+    sigma_lanczos = float(lanczos.last_sigmas["_0"].detach())
+    assert est_power == pytest.approx(sigma_power, rel=1e-5)  # the product of the two maps
+    assert est_lanczos == pytest.approx(sigma_lanczos, rel=1e-5)
+    assert sigma_power < sigma_lanczos <= 1.0 + 1e-5
+    assert 1.0 - sigma_lanczos < 0.5 * (1.0 - sigma_power)
+    assert float(lanczos.u__0.norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_lanczos_degenerate_maps_and_validation() -> None:
+    """A zero map (the Krylov space collapses at once) keeps the vector, with no NaN; a
+    rank-one map converges in one Lanczos step; an unknown method is refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 3))
+    bound = LipschitzBound(model, (6,), power_steps=5, power_method="lanczos").train()
+    with torch.no_grad():
+        model[0].weight.zero_()
+    u = bound.u__0.clone()
+    assert float(bound(pairwise=False)) == 0.0
+    assert torch.allclose(bound.u__0, u, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.outer(torch.randn(5), torch.randn(6)))
+    bound(pairwise=False)
+    exact = float(torch.linalg.matrix_norm(model[0].weight.detach(), 2))
+    assert float(bound(pairwise=False).detach()) == pytest.approx(
+        exact * float(bound.last_sigmas["_2"].detach()), rel=1e-4
+    )
+    assert torch.isfinite(bound.u__0).all()
+    with pytest.raises(InputError, match="power_method"):
+        LipschitzBound(model, (6,), power_method="arnoldi")

@@ -20,6 +20,8 @@ LOADERS = ("auto", "memory", "dataloader")
 AMP_MODES = ("none", "bf16", "fp16")
 #: what the training steps between lazy bounds use (``LipschitzBound(lazy_gradient=)``)
 LAZY_GRADIENTS = ("held", "scaled")
+#: how the power-iteration vectors move (``LipschitzBound(power_method=)``)
+POWER_METHODS = ("power", "lanczos")
 METHODS = ("lmt", "plain", "weight_decay", "snr", "parseval", "adversarial")
 OPTIMIZERS = ("adam", "sgd", "nesterov")
 
@@ -40,6 +42,7 @@ class TrainConfig:
     lmt_form: str = "pairwise"  # "pairwise" (Prop. 2) or "global" (Prop. 1)
     release_factor: bool = True
     power_steps: int = 1  # power-iteration steps per update (paper Alg. 1: 1)
+    power_method: str = "power"  # "power" (paper Alg. 1) or "lanczos" (top Ritz vector)
     power_every: int = 1  # power-iteration update every k training steps (sigma every step)
     # lazy bound: the graph walked every k training steps only (issue 16); the steps between
     # use a held first-order model of the bound ("held") or the held bound with the computed
@@ -194,6 +197,7 @@ class TrainConfig:
             ("loader", LOADERS),
             ("amp", AMP_MODES),
             ("lazy_gradient", LAZY_GRADIENTS),
+            ("power_method", POWER_METHODS),
         ):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")

@@ -62,6 +62,7 @@ RESUMABLE_KEYS = (
     "power_every",
     "bound_every",
     "lazy_gradient",
+    "power_method",
     "loader",
     "num_workers",
 )
@@ -298,6 +299,7 @@ def load_run(
         model,
         shape,
         power_steps=cfg.power_steps,
+        power_method=cfg.power_method,
         power_every=cfg.power_every,
         bound_every=cfg.bound_every,
         lazy_gradient=cfg.lazy_gradient,

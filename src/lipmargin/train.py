@@ -136,6 +136,7 @@ def train(
         model,
         shape,
         power_steps=cfg.power_steps,
+        power_method=cfg.power_method,
         power_every=cfg.power_every,
         bound_every=cfg.bound_every,
         lazy_gradient=cfg.lazy_gradient,

@@ -41,6 +41,7 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 CONV_METHODS = ("fft", "closed_form", "power")
 LAZY_GRADIENTS = ("held", "scaled")
+POWER_METHODS = ("power", "lanczos")
 _INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ipow", "imatmul", "iand", "ior"}
 
 
@@ -185,6 +186,7 @@ class WalkContext:
         self.mode = mode
         #: power-iteration steps per training call, extra estimate steps, conv bound method
         self.power_steps = owner.power_steps
+        self.power_method = owner.power_method
         self.estimate_steps = owner.estimate_steps
         self.conv_method = owner.conv_method
         #: whether this training call moves the power-iteration vectors (every
@@ -296,7 +298,13 @@ class WalkContext:
             else:
                 keep = held if self.owner.power_every > 1 else None
                 sigma = power.training_estimate(
-                    op, u, steps=self.power_steps, update=self.update, keep=keep, key=node.name
+                    op,
+                    u,
+                    steps=self.power_steps,
+                    update=self.update,
+                    keep=keep,
+                    key=node.name,
+                    method=self.power_method,
                 )
             self.sigmas[node.name] = sigma
             return sigma
@@ -366,6 +374,11 @@ class LipschitzBound(nn.Module):
             Deep nets with wide layers (e.g. 4C3F) need more: with one step the product of
             the per-layer estimates can trail the true bound by tens of percent, and training
             then enlarges margins against a Lipschitz constant that is too small.
+        power_method: how the first ``power_steps - 1`` products move each vector:
+            ``"power"`` (default, paper Alg. 1: power-iteration steps) or ``"lanczos"`` (the top
+            Ritz vector of the Krylov space they span, ``power.training_estimate``: the same
+            cost, closer to the top singular vector where top singular values are close, as in
+            convolutions; it matters from ``power_steps`` = 4 or so).
 
     Calling the module returns a differentiable tensor: a K x K pairwise bound when the network
     ends with ``nn.Linear`` (or with ``pairwise=False``, a scalar bound of the whole logit map).
@@ -385,6 +398,7 @@ class LipschitzBound(nn.Module):
         conv_method: str = "fft",
         estimate_steps: int = 0,
         power_steps: int = 1,
+        power_method: str = "power",
         power_every: int = 1,
         bound_every: int = 1,
         lazy_gradient: str = "held",
@@ -402,6 +416,9 @@ class LipschitzBound(nn.Module):
         if isinstance(power_steps, bool) or not isinstance(power_steps, int) or power_steps < 1:
             raise InputError(f"power_steps must be an integer >= 1, got {power_steps!r}")
         self.power_steps = power_steps
+        if power_method not in POWER_METHODS:
+            raise InputError(f"power_method must be one of {POWER_METHODS}, got {power_method!r}")
+        self.power_method = power_method
         if isinstance(power_every, bool) or not isinstance(power_every, int) or power_every < 1:
             raise InputError(f"power_every must be an integer >= 1, got {power_every!r}")
         self.power_every = power_every
