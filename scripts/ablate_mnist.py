@@ -75,19 +75,19 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         "base with the lazy bound every 4th step, a held first-order model between "
         "(bound_every = 4, lazy_gradient = held, issue 16)",
         BASE,
-        ["bound_every=4"],
+        ["bound_every=4", 'lazy_gradient="held"'],
     ),
     "be4-ps4-held": (
         "base with the lazy bound every 4th step, 4 power-iteration steps per computed bound "
         "(as many per training step as the base), a held first-order model between (issue 16)",
         BASE,
-        ["bound_every=4", "power_steps=4"],
+        ["bound_every=4", "power_steps=4", 'lazy_gradient="held"'],
     ),
     "be8-ps8-held": (
         "base with the lazy bound every 8th step, 8 power-iteration steps per computed bound "
         "(as many per training step as the base), a held first-order model between (issue 16)",
         BASE,
-        ["bound_every=8", "power_steps=8"],
+        ["bound_every=8", "power_steps=8", 'lazy_gradient="held"'],
     ),
     "be4-ps10-lanczos": (
         "be4-ps10 with the vectors moved by Lanczos (power_method = lanczos, issue 16)",
@@ -103,7 +103,7 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         "base with the lazy bound every 8th step, a held first-order model between "
         "(bound_every = 8, lazy_gradient = held, issue 16)",
         BASE,
-        ["bound_every=8"],
+        ["bound_every=8", 'lazy_gradient="held"'],
     ),
     "be4-ps10": (
         "base with bound_every = 4 and 10 power-iteration steps per computed bound (issue 16)",
@@ -140,7 +140,7 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         "c4f3 with the lazy bound every 4th step, a held first-order model between "
         "(bound_every = 4, lazy_gradient = held, issue 16)",
         C4F3,
-        ["bound_every=4"],
+        ["bound_every=4", 'lazy_gradient="held"'],
     ),
     "c4f3-best-be4": (
         "c4f3 with Adam lr 3e-4, ema_decay = 0.999 and bound_every = 4 (the shipped recipe "
@@ -158,7 +158,7 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         "c4f3 with Adam lr 3e-4, ema_decay = 0.999 and bound_every = 4 with a held first-order "
         "model between (the shipped recipe with the lazy bound, issue 16)",
         C4F3,
-        ["lr=3e-4", "ema_decay=0.999", "bound_every=4"],
+        ["lr=3e-4", "ema_decay=0.999", "bound_every=4", 'lazy_gradient="held"'],
     ),
     # issue 15 (session 4): one change at a time from the c4f3 row
     "c4f3-lr3e-4": (

@@ -174,13 +174,13 @@ def _chain() -> nn.Module:
 
 @pytest.mark.parametrize("pairwise", [True, False])
 def test_bound_every_held_is_a_first_order_model(pairwise: bool) -> None:
-    """Issue 16, lazy bound with ``lazy_gradient="held"`` (default): a computed call returns
+    """Issue 16, lazy bound with ``lazy_gradient="held"``: a computed call returns
     the bound with its own (unscaled) gradient; a skipped call at the same weights returns the
     same value and the same gradient without moving the power-iteration vectors; after a small
     weight change it agrees with the exact bound at the held vectors to second order, and the
     head's rows are always the current ones."""
     model = _chain()
-    lazy = LipschitzBound(model, (6,), bound_every=3).train()
+    lazy = LipschitzBound(model, (6,), bound_every=3, lazy_gradient="held").train()
     # the estimate at lazy's first vectors, which evaluation mode does not move
     every = LipschitzBound(model, (6,)).eval()
     every.load_state_dict(lazy.state_dict())
@@ -229,7 +229,7 @@ def test_bound_every_held_sees_the_head_weight_of_a_normalized_linear() -> None:
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), NormalizedLinear(5, 3))
-    lazy = LipschitzBound(model, (6,), bound_every=2).train()
+    lazy = LipschitzBound(model, (6,), bound_every=2, lazy_gradient="held").train()
     assert lazy.has_pairwise
     first = lazy()
     head = model[2]
