@@ -99,6 +99,23 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
             'power_method="lanczos"',
         ],
     ),
+    "be8-ps8": (
+        "base with the lazy bound every 8th step and 8 power-iteration steps per computed bound "
+        "(lazy_gradient = scaled, issue 16)",
+        BASE,
+        ["bound_every=8", "power_steps=8", 'lazy_gradient="scaled"'],
+    ),
+    "be8-ps4-lanczos": (
+        "base with the lazy bound every 8th step, 4 products per computed bound moved by "
+        "Lanczos (half a power step per training step, issue 16)",
+        BASE,
+        [
+            "bound_every=8",
+            "power_steps=4",
+            'lazy_gradient="scaled"',
+            'power_method="lanczos"',
+        ],
+    ),
     "be8-held": (
         "base with the lazy bound every 8th step, a held first-order model between "
         "(bound_every = 8, lazy_gradient = held, issue 16)",
