@@ -105,13 +105,13 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         BASE,
         ["bound_every=8", "power_steps=8", 'lazy_gradient="scaled"'],
     ),
-    "be8-ps4-lanczos": (
-        "base with the lazy bound every 8th step, 4 products per computed bound moved by "
-        "Lanczos (half a power step per training step, issue 16)",
+    "be16-ps16-lanczos": (
+        "base with the lazy bound every 16th step and 16 products per computed bound moved by "
+        "Lanczos (one per training step, as the base, issue 16)",
         BASE,
         [
-            "bound_every=8",
-            "power_steps=4",
+            "bound_every=16",
+            "power_steps=16",
             'lazy_gradient="scaled"',
             'power_method="lanczos"',
         ],

@@ -313,3 +313,29 @@ def test_lanczos_degenerate_maps_and_validation() -> None:
     assert torch.isfinite(bound.u__0).all()
     with pytest.raises(InputError, match="power_method"):
         LipschitzBound(model, (6,), power_method="arnoldi")
+
+
+def test_lanczos_on_a_convolution_converges_faster_and_stays_below_the_norm() -> None:
+    """On a strided convolution (adjoint by conv_transpose) with 20 products the Lanczos
+    estimate reaches the exact norm (dense Jacobian, float64) to 1e-4 while power iteration is
+    still percents below; it never exceeds it (a Ritz value), nor the guaranteed FFT bound."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(128, 3))
+    shape = (3, 8, 8)
+    conv = model[0]
+    dense = torch.autograd.functional.jacobian(
+        lambda x: F.conv2d(x, conv.weight.detach(), None, 2, 1).flatten(),
+        torch.zeros(1, *shape),
+    ).reshape(128, -1)
+    exact = float(torch.linalg.matrix_norm(dense.double(), 2))
+    power = LipschitzBound(model, shape, power_steps=20).train()
+    lanczos = LipschitzBound(model, shape, power_steps=20, power_method="lanczos").train()
+    lanczos.load_state_dict(power.state_dict())
+    power(pairwise=False)
+    lanczos(pairwise=False)
+    s_power = float(power.last_sigmas["_0"].detach())
+    s_lanczos = float(lanczos.last_sigmas["_0"].detach())
+    guaranteed = next(r.bound for r in power.certified().layers if r.name == "_0")
+    assert s_power < 0.98 * exact
+    assert exact * (1 - 1e-4) <= s_lanczos <= exact * (1 + 1e-5)
+    assert exact <= guaranteed

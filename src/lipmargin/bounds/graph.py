@@ -912,20 +912,22 @@ class LipschitzBound(nn.Module):
         ``pairwise`` is not False, else a scalar bound of the whole logit map (Prop. 1).
         In training mode, first makes one power-iteration step per linear map.
         """
-        self._check_vectors_device()
         use_pairwise = self.has_pairwise if pairwise is None else bool(pairwise)
+        lazy = self.training and self.bound_every > 1
+        if lazy and self._calls % self.bound_every:
+            # a call the lazy bound skips: as few operations as possible (issue 16)
+            held = self._held_bounds.get(use_pairwise)
+            if held is not None and held.holds(self.model):
+                self._calls += 1
+                self.last_sigmas = held.sigmas
+                if self.lazy_gradient == "scaled":
+                    return held.value
+                first = self._held_call(held, use_pairwise)
+                self.last_estimate = first.detach()
+                return first
+        self._check_vectors_device()
         if use_pairwise and not self.has_pairwise:
             raise InputError("pairwise bounds need a network whose last layer is nn.Linear")
-        lazy = self.training and self.bound_every > 1
-        held = self._held_bounds.get(use_pairwise) if lazy else None
-        if held is not None and self._calls % self.bound_every and held.holds(self.model):
-            self._calls += 1
-            self.last_sigmas = {k: v.detach() for k, v in self.last_sigmas.items()}
-            if self.lazy_gradient == "scaled":
-                return held.value
-            first = self._held_call(held, use_pairwise)
-            self.last_estimate = first.detach()
-            return first
         ctx, (first, _) = self._walk("train", pairwise=use_pairwise)
         if self.training:
             self._calls += 1
@@ -937,11 +939,9 @@ class LipschitzBound(nn.Module):
         if lazy:
             scale = float(self.bound_every)
             factor = ctx.head_input if use_pairwise else first
-            self._held_bounds = {
-                use_pairwise: _Held.at(
-                    self.last_estimate, factor, self.model, self.lazy_gradient == "held"
-                )
-            }
+            held = _Held.at(self.last_estimate, factor, self.model, self.lazy_gradient == "held")
+            held.sigmas = {k: v.detach() for k, v in ctx.sigmas.items()}
+            self._held_bounds = {use_pairwise: held}
             if self.lazy_gradient == "scaled":
                 # value unchanged, gradient x bound_every (lazy regularization)
                 first = _ScaleGrad.apply(first, scale)
@@ -1097,6 +1097,8 @@ class _Held:
     grads: tuple[torch.Tensor, ...] = ()
     offset: torch.Tensor | float = 0.0
     zero: torch.Tensor | float = 0.0
+    #: the computed call's per-layer sigmas, detached (``last_sigmas`` of the skipped calls)
+    sigmas: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def at(cls, value: torch.Tensor, factor: torch.Tensor, model: nn.Module, grads: bool) -> _Held:
