@@ -116,6 +116,16 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
             'power_method="lanczos"',
         ],
     ),
+    "be8-ps8-held-lanczos": (
+        "be8-ps8-held with the vectors moved by Lanczos (power_method = lanczos, issue 16)",
+        BASE,
+        [
+            "bound_every=8",
+            "power_steps=8",
+            'lazy_gradient="held"',
+            'power_method="lanczos"',
+        ],
+    ),
     "be8-held": (
         "base with the lazy bound every 8th step, a held first-order model between "
         "(bound_every = 8, lazy_gradient = held, issue 16)",
