@@ -175,11 +175,11 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         C4F3,
         ["lr=3e-4", "ema_decay=0.999", "bound_every=4", 'lazy_gradient="scaled"'],
     ),
-    "c4f3-be4-lanczos": (
-        "c4f3-be4 with the vectors moved by Lanczos (power_method = lanczos: the top Ritz vector "
-        "of the 9 products' Krylov space, issue 16)",
+    "c4f3-be4-held-lanczos": (
+        "c4f3-be4-held with the vectors moved by Lanczos (power_method = lanczos: the top Ritz "
+        "vector of the 9 products' Krylov space, issue 16)",
         C4F3,
-        ["bound_every=4", 'lazy_gradient="scaled"', 'power_method="lanczos"'],
+        ["bound_every=4", 'lazy_gradient="held"', 'power_method="lanczos"'],
     ),
     "c4f3-best-be4-held": (
         "c4f3 with Adam lr 3e-4, ema_decay = 0.999 and bound_every = 4 with a held first-order "
