@@ -71,6 +71,11 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         BASE,
         ["bound_every=4", 'lazy_gradient="scaled"'],
     ),
+    "base-seed1": (
+        "base with seed 1 instead of 0 (the run-to-run spread of the comparisons, issue 16)",
+        BASE,
+        ["seed=1"],
+    ),
     "be4-held": (
         "base with the lazy bound every 4th step, a held first-order model between "
         "(bound_every = 4, lazy_gradient = held, issue 16)",
