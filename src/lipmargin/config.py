@@ -45,10 +45,10 @@ class TrainConfig:
     power_method: str = "power"  # "power" (paper Alg. 1) or "lanczos" (top Ritz vector)
     power_every: int = 1  # power-iteration update every k training steps (sigma every step)
     # lazy bound: the graph walked every k training steps only (issue 16); the steps between
-    # use the held bound with the computed steps' gradient scaled by k ("scaled", lazy
-    # regularization) or a held first-order model of the bound ("held")
+    # use a held first-order model of the bound ("held") or the held bound with the computed
+    # steps' gradient scaled by k ("scaled", lazy regularization)
     bound_every: int = 1
-    lazy_gradient: str = "scaled"
+    lazy_gradient: str = "held"
     # margin loss of method "lmt" (issue 15), eps = c above (with its warm-up): "lmt" (paper
     # Alg. 1), "gloro" (Leino et al. 2021), "emma" (Hu et al. 2023), "cll" (Losch et al. 2023)
     loss: str = "lmt"
