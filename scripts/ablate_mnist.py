@@ -188,6 +188,18 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         C4F3,
         ["bound_every=4", 'lazy_gradient="held"', 'power_method="lanczos"'],
     ),
+    "c4f3-best-be4-held-lanczos": (
+        "c4f3 with Adam lr 3e-4, ema_decay = 0.999, bound_every = 4 with a held first-order "
+        "model between and Lanczos (the shipped recipe with the lazy bound, issue 16)",
+        C4F3,
+        [
+            "lr=3e-4",
+            "ema_decay=0.999",
+            "bound_every=4",
+            'lazy_gradient="held"',
+            'power_method="lanczos"',
+        ],
+    ),
     "c4f3-best-be4-held": (
         "c4f3 with Adam lr 3e-4, ema_decay = 0.999 and bound_every = 4 with a held first-order "
         "model between (the shipped recipe with the lazy bound, issue 16)",
