@@ -12,16 +12,13 @@ from typing import Any
 
 import torch
 
+from .bounds.graph import LAZY_GRADIENTS, POWER_METHODS
 from .errors import ConfigError
 from .losses import LOSSES
 
 AUGMENTATIONS = ("none", "shift", "crop", "crop-flip")  # data.AUGMENTATIONS
 LOADERS = ("auto", "memory", "dataloader")
 AMP_MODES = ("none", "bf16", "fp16")
-#: what the training steps between lazy bounds use (``LipschitzBound(lazy_gradient=)``)
-LAZY_GRADIENTS = ("held", "scaled")
-#: how the power-iteration vectors move (``LipschitzBound(power_method=)``)
-POWER_METHODS = ("power", "lanczos")
 METHODS = ("lmt", "plain", "weight_decay", "snr", "parseval", "adversarial")
 OPTIMIZERS = ("adam", "sgd", "nesterov")
 

@@ -40,7 +40,9 @@ _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 CONV_METHODS = ("fft", "closed_form", "power")
+#: what the training calls between lazy bounds use (``lazy_gradient``)
 LAZY_GRADIENTS = ("held", "scaled")
+#: how the power-iteration vectors move (``power_method``)
 POWER_METHODS = ("power", "lanczos")
 _INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ipow", "imatmul", "iand", "ior"}
 

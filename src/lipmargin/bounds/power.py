@@ -70,7 +70,7 @@ def new_vector(shape: tuple[int, ...], seed: int, device: torch.device) -> torch
 def _step(target: torch.Tensor, u: torch.Tensor, v: torch.Tensor, op: LinearOperator) -> None:
     """``target <- A^T v / ||A^T v||`` in place, with ``v = A u`` (``u`` is ``target`` in the
     operator's dtype); keeps the old vector if that is 0."""
-    w = op.adjoint(v) if op.adjoint is not None else norms.transpose_apply(op.apply, u, v)
+    w = _adjoint(op, u, v)
     n = w.norm()
     if w.device.type == "cpu":  # a Python test costs no device synchronisation here
         if n > 1e-12:
@@ -118,9 +118,14 @@ def _lanczos(target: torch.Tensor, u: torch.Tensor, op: LinearOperator, steps: i
         target.copy_((ritz / norm).reshape(u.shape))
 
 
-def _gram_apply(op: LinearOperator, u: torch.Tensor) -> torch.Tensor:
-    v = op.apply(u)
+def _adjoint(op: LinearOperator, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``A^T v`` (``u``: a vector of A's input shape, for the autograd transpose)."""
     return op.adjoint(v) if op.adjoint is not None else norms.transpose_apply(op.apply, u, v)
+
+
+def _gram_apply(op: LinearOperator, u: torch.Tensor) -> torch.Tensor:
+    """``A^T A u``."""
+    return _adjoint(op, u, op.apply(u))
 
 
 def training_estimate(
