@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from lipmargin.runtime import allocator, steady_allocator
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -36,29 +38,6 @@ def setup(args: argparse.Namespace) -> None:
     steady_allocator()
 
 
-#: glibc ``mallopt`` parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-ALLOCATOR = "default"
-
-
-def steady_allocator() -> None:
-    """Keep freed memory in the process (glibc: no trimming, mmap only above 32 MiB). With
-    glibc's defaults a batch of 1000 Wong-Kolter forward passes page-faults its 30 MB of
-    activations afresh on some runs and not on others (12 or 23 ms per batch, decided per
-    process), which swamps the ratios measured here; both sides of every ratio run under the
-    same setting, which the machine line records. No-op off glibc."""
-    global ALLOCATOR
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-    except (OSError, AttributeError):
-        return
-    if ok:
-        ALLOCATOR = "glibc malloc without trimming, mmap above 32 MiB"
-
-
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -72,7 +51,7 @@ def machine() -> str:
     return (
         f"{cpu}, {os.cpu_count()} cores ({usable} usable), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), "
-        f"allocator: {ALLOCATOR}"
+        f"allocator: {allocator()}"
     )
 
 

@@ -23,12 +23,15 @@ SCRIPTS = {
     "certify_throughput": "bench_certify.py",
     "train_step": "bench_train_step.py",
     "bounds": "bench_bounds.py",
+    "allocator": "bench_allocator.py",
 }
 TITLES = {
     "certify_throughput": "Certification throughput / plain inference (goal >= 0.95)",
     "train_step": "LMT training step / unregularised step (goal <= 1.10)",
     "bounds": "Bound tightness per convolution and certified() time per network "
     "(goal: WRN-16-4 within 1 s)",
+    "allocator": "Training step with glibc's default allocator / with "
+    "lipmargin.runtime.steady_allocator (separate processes)",
 }
 
 
@@ -62,9 +65,10 @@ def main() -> None:
         + "`): every ratio is the median (min-max) of per-round ratios over interleaved "
         "repeats in one process (each repeat the mean of a block of consecutive calls where "
         "calls take milliseconds); each thread count in its own process with `OMP_NUM_THREADS` "
-        "set to it, and glibc's allocator told to keep freed memory (`benchmarks/_common.py`: "
-        "with its defaults a 1000-image Wong-Kolter forward pass takes 12 or 23 ms depending "
-        "on page faults, decided per process).",
+        "set to it, and glibc's allocator told to keep freed memory "
+        "(`lipmargin.runtime.steady_allocator`, as the command line does: with glibc's "
+        "defaults a 1000-image Wong-Kolter forward pass takes 12 or 23 ms depending on page "
+        "faults, decided per process; the last table measures the difference).",
         "",
     ]
     for name, title in TITLES.items():

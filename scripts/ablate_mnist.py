@@ -32,6 +32,7 @@ from lipmargin.certify import batches, evaluate
 from lipmargin.config import load_config
 from lipmargin.data import load_dataset
 from lipmargin.runs import has_checkpoint, load_run, read_log
+from lipmargin.runtime import steady_allocator
 from lipmargin.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,6 +188,16 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         "vector of the 9 products' Krylov space, issue 16)",
         C4F3,
         ["bound_every=4", 'lazy_gradient="held"', 'power_method="lanczos"'],
+    ),
+    "c4f3-be6-held-lanczos": (
+        "c4f3-be4-held-lanczos with the bound walked every 6th step (bound_every = 6, issue 16)",
+        C4F3,
+        ["bound_every=6", 'lazy_gradient="held"', 'power_method="lanczos"'],
+    ),
+    "c4f3-be8-held-lanczos": (
+        "c4f3-be4-held-lanczos with the bound walked every 8th step (bound_every = 8, issue 16)",
+        C4F3,
+        ["bound_every=8", 'lazy_gradient="held"', 'power_method="lanczos"'],
     ),
     "c4f3-best-be4-held-lanczos": (
         "c4f3 with Adam lr 3e-4, ema_decay = 0.999, bound_every = 4 with a held first-order "
@@ -392,6 +403,7 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true", help="certify existing runs only")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
+    steady_allocator()  # lipmargin.runtime: training steps ~20% faster on glibc
     if not args.table_only:
         x, y = load_dataset("mnist", "test", args.data_dir)
         for key in args.only or list(VARIANTS):

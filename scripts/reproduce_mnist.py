@@ -25,6 +25,7 @@ from lipmargin.certify import batches, evaluate
 from lipmargin.config import load_config
 from lipmargin.data import load_dataset
 from lipmargin.runs import has_checkpoint, load_run, read_log
+from lipmargin.runtime import steady_allocator
 from lipmargin.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--audit-n", type=int, default=1000)
     ap.add_argument("--analyze-n", type=int, default=300)
     args = ap.parse_args()
+    steady_allocator()  # lipmargin.runtime: training steps ~20% faster on glibc
     out_dir = ROOT / "docs" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     x, y = load_dataset("mnist", "test", args.data_dir)
