@@ -8,6 +8,7 @@ in ``certify``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import statistics
@@ -16,9 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._device import DeviceContext
 
 from .bounds import CertifiedBound, LipschitzBound
-from .bounds.checks import check_gradients, eval_mode
+from .bounds.checks import check_gradients, eval_mode, full_precision
 from .errors import InputError
 
 #: Relative slack subtracted from each logit difference: covers float32 rounding of the forward
@@ -72,7 +74,22 @@ def _check_same_model(model: nn.Module, bound: LipschitzBound | CertifiedBound) 
         )
 
 
-def _check_batch(x: torch.Tensor, y: torch.Tensor, cert: CertifiedBound) -> None:
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point tensor (None if it has none)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def _function_modes() -> list:
+    get = getattr(torch.overrides, "_get_current_function_mode_stack", None)
+    return list(get()) if get is not None else []
+
+
+def _check_batch(
+    x: torch.Tensor, y: torch.Tensor, cert: CertifiedBound, dtype: torch.dtype | None = None
+) -> None:
     """Refuse inputs the certificate does not cover: another shape than the bound's (convolution
     and pooling norms depend on the input size), half precision (the margin slack covers
     float32/float64 rounding only), a forward pass under autocast."""
@@ -88,10 +105,25 @@ def _check_batch(x: torch.Tensor, y: torch.Tensor, cert: CertifiedBound) -> None
             f"for {tuple(cert.input_shape)}: build LipschitzBound(model, input_shape="
             f"{tuple(x.shape[1:])}) to certify them"
         )
+    if type(x) is not torch.Tensor:
+        raise InputError(
+            f"x is a {type(x).__name__}, a tensor subclass: its own operations are not what the "
+            "bound covers; pass a plain tensor (x.as_subclass(torch.Tensor))"
+        )
     if x.dtype not in (torch.float32, torch.float64):
         raise InputError(
             f"inputs are {x.dtype}: certificates cover float32/float64 forward passes only "
             "(the margin slack covers their rounding); convert with x.float()"
+        )
+    if dtype is not None and x.dtype != dtype:
+        raise InputError(
+            f"inputs are {x.dtype} but the model is {dtype}: convert them with x.to({dtype})"
+        )
+    modes = [m for m in _function_modes() if not isinstance(m, DeviceContext)]
+    if modes:
+        raise InputError(
+            f"certification inside a torch function mode ({type(modes[0]).__name__}): it "
+            "changes what the model's operations compute; certify outside it"
         )
     if torch.is_autocast_enabled(x.device.type):
         raise InputError(
@@ -193,8 +225,8 @@ def certify(
     """
     _check_same_model(model, bound)
     cert = _resolve(bound, allow_estimate)
-    _check_batch(x, y, cert)
-    with eval_mode(model):
+    _check_batch(x, y, cert, model_dtype(model))
+    with eval_mode(model), full_precision():
         with torch.no_grad():
             logits = model(x)
         # first the radii (they refuse non-finite logits, bad labels and rtol with InputError),
@@ -262,9 +294,10 @@ def evaluate(
     _check_same_model(model, bound)
     cert = _resolve(bound, allow_estimate=False)
     radii, correct = [], []
-    with eval_mode(model):
+    dtype = model_dtype(model)
+    with eval_mode(model), full_precision():
         for xb, yb in batches:
-            _check_batch(xb, yb, cert)
+            _check_batch(xb, yb, cert, dtype)
             with torch.no_grad():
                 logits = model(xb)
             batch_radii = radii_from_logits(logits, yb, cert, rtol=rtol)  # InputError first

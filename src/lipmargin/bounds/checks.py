@@ -11,6 +11,11 @@ reading, and the check that catches each (docs/SOUNDNESS.md):
   the trace, hooks that change outputs, and models replaced after tracing. The same run checks
   that the model is deterministic in evaluation mode (``F.dropout`` left active) and that each
   example's output does not depend on the rest of the batch.
+* **Operation check** (inside :func:`check_trace`): the eager call and the graph's run must
+  call the same torch operations in the same order (metadata queries aside). A value-changing
+  branch that only eager code takes (``if not is_fx_tracing()``, ``isinstance(x, Tensor)``,
+  a ``try`` around data-dependent control flow, an overridden ``__call__``) runs operations the
+  trace lacks even where it leaves the values unchanged, i.e. at the random inputs above.
 * **Mutation check** (inside :func:`check_trace`): running the graph with ordinary semantics,
   a node's output must not change after it was computed (an in-place operation on a tensor
   that is used again); the error names the node.
@@ -32,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import CertificationError
 
@@ -60,10 +66,16 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def traceable(model: nn.Module) -> nn.Module:
-    """The module behind a ``torch.compile``d model (it computes the same function, which
-    :func:`check_trace` verifies against the compiled call); the model itself otherwise."""
+    """The module behind a ``torch.compile``d model or an ``nn.DataParallel`` /
+    ``DistributedDataParallel`` wrapper (they compute the same function, which
+    :func:`check_trace` verifies against the wrapper's call); the model itself otherwise."""
     orig = getattr(model, "_orig_mod", None)
-    return orig if isinstance(orig, nn.Module) else model
+    if isinstance(orig, nn.Module):
+        return orig
+    parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    if isinstance(model, parallel) and isinstance(model.module, nn.Module):
+        return model.module  # splits the batch across devices: the same per-example function
+    return model
 
 
 def _clone(v: Any) -> Any:
@@ -130,6 +142,152 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) if a.numel() else 0.0
 
 
+#: torch functions that only read metadata (shape, dtype, ...) or copy values (``clone``): the
+#: operation check ignores them (shape checks run in eager code only are common and harmless)
+_IGNORED_OPS = {
+    getattr(torch.Tensor, name)
+    for name in (
+        "size",
+        "dim",
+        "numel",
+        "stride",
+        "is_contiguous",
+        "__len__",
+        "is_floating_point",
+        "is_complex",
+        "element_size",
+        "clone",
+        "nelement",
+        "ndimension",
+        "data_ptr",
+    )
+    if hasattr(torch.Tensor, name)
+} | {
+    getattr(torch.Tensor, name).__get__
+    for name in (
+        "shape",
+        "dtype",
+        "device",
+        "ndim",
+        "requires_grad",
+        "is_cuda",
+        "layout",
+        "grad_fn",
+        "is_leaf",
+        "is_sparse",
+        "is_quantized",
+        "is_meta",
+        "names",
+    )
+    if hasattr(torch.Tensor, name) and hasattr(getattr(torch.Tensor, name), "__get__")
+}
+
+
+def _op_name(func: Any) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    owner = getattr(func, "__objclass__", None)
+    return f"{owner.__name__}.{name}" if owner is not None and "." not in name else str(name)
+
+
+class _OpRecorder(TorchFunctionMode):
+    """The torch functions a run calls on tensors that depend on its input, outermost calls
+    only (inside ``__torch_function__`` the mode is off), metadata queries and copies aside.
+    Operations on constants alone (a buffer sliced in ``forward``, which the trace computes once
+    and keeps) do not count."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        super().__init__()
+        self.ops: list[Any] = []
+        self.paused = 0
+        self._tainted: dict[int, torch.Tensor] = {id(x): x}  # the tensors keep their ids alive
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        leaves, _ = tree_flatten((args, kwargs))
+        if any(isinstance(v, torch.Tensor) and id(v) in self._tainted for v in leaves):
+            for v in tree_flatten(out)[0]:
+                if isinstance(v, torch.Tensor):
+                    self._tainted[id(v)] = v
+            if not self.paused and func not in _IGNORED_OPS:
+                self.ops.append(func)
+        return out
+
+
+@contextlib.contextmanager
+def _hooks_paused(model: nn.Module, recorder: _OpRecorder) -> Iterator[None]:
+    """Module hooks (the observers and weight-recomputing pre-hooks the bound allows; others are
+    refused before this runs) do not count as operations of the forward: the graph's run calls
+    modules without them."""
+    saved: list[tuple[dict, Any, Any]] = []
+
+    def paused(hook: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            recorder.paused += 1
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                recorder.paused -= 1
+
+        return run
+
+    for m in model.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for key, hook in list(hooks.items()):
+                saved.append((hooks, key, hook))
+                hooks[key] = paused(hook)
+    try:
+        yield
+    finally:
+        for hooks, key, hook in saved:
+            hooks[key] = hook
+
+
+def _first_difference(eager: list[Any], graph: list[Any]) -> str:
+    for i, (a, b) in enumerate(zip(eager, graph, strict=False)):
+        if a is not b:
+            return f"operation {i + 1}: the model calls {_op_name(a)}, the graph {_op_name(b)}"
+    if len(eager) > len(graph):
+        return f"after {len(graph)} operations the model goes on with {_op_name(eager[len(graph)])}"
+    return f"after {len(eager)} operations the graph goes on with {_op_name(graph[len(eager)])}"
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """float32 matrix products and convolutions in full IEEE precision for the duration: no
+    TF32 (cuDNN convolutions default to it on Ampere and later GPUs, ~1e-3 relative error, far
+    above the margin slack radii allow for rounding) and no reduced-precision oneDNN paths.
+    Restored afterwards."""
+    saved: list[tuple[Any, str, Any]] = []
+
+    def put(obj: Any, attr: str, value: Any) -> None:
+        if obj is not None and hasattr(obj, attr):
+            old = getattr(obj, attr)
+            if old != value:
+                saved.append((obj, attr, old))
+                setattr(obj, attr, value)
+
+    backends = torch.backends
+    new_api = hasattr(getattr(backends.cudnn, "conv", None), "fp32_precision")
+    for owner in ("cuda", "cudnn", "mkldnn") if new_api else ():
+        base = getattr(backends, owner, None)
+        for part in ("matmul", "conv", "rnn"):
+            put(getattr(base, part, None), "fp32_precision", "ieee")
+    if not new_api:  # older torch: the legacy flags (mixing the two APIs is an error)
+        put(getattr(backends.cuda, "matmul", None), "allow_tf32", False)
+        put(backends.cudnn, "allow_tf32", False)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        if precision != "highest":
+            torch.set_float32_matmul_precision("highest")
+        yield
+    finally:  # the precision first: setting it also sets some flags, which are restored last
+        if precision != "highest":
+            torch.set_float32_matmul_precision(precision)
+        for obj, attr, old in reversed(saved):
+            setattr(obj, attr, old)
+
+
 def check_trace(
     model: nn.Module,
     gm: torch.fx.GraphModule,
@@ -152,8 +310,22 @@ def check_trace(
     x = torch.randn((examples, *input_shape), generator=g, dtype=torch.float64)
     x = x.to(device=device, dtype=dtype)
     rel = 1e-12 if dtype == torch.float64 else 1e-5
-    with eval_mode(model), torch.no_grad():
-        first = model(x)
+    eager_ops, graph_ops = _OpRecorder(x), _OpRecorder(x)
+    version = x._version
+    inner = traceable(model)
+    with eval_mode(model), torch.no_grad(), full_precision():
+        with _hooks_paused(model, eager_ops), eager_ops:
+            first = model(x)
+        if inner is not model:  # torch.compile / DataParallel: the module the trace follows
+            eager_ops = _OpRecorder(x)
+            with _hooks_paused(inner, eager_ops), eager_ops:
+                inner(x)
+        if x._version != version:
+            raise CertificationError(
+                "the model's forward modifies its input in place (e.g. x.relu_(), x.clamp_(), "
+                "x += ... on the input): it would overwrite the data being certified; use the "
+                "out-of-place form"
+            )
         if not isinstance(first, torch.Tensor) or first.shape[:1] != (examples,):
             raise CertificationError(
                 "the model must return one (N, K) tensor of logits for an (N, ...) input"
@@ -162,7 +334,8 @@ def check_trace(
         singles = torch.cat([model(x[i : i + 1]) for i in range(examples)])
         mutation = _MutationRun(gm)
         mutation.run(x)
-        functional = _FunctionalRun(gm).run(x)
+        with graph_ops:
+            functional = _FunctionalRun(gm).run(x)
     tol = _tolerance(first, rel)
     if not _same(first, second, tol):
         raise CertificationError(
@@ -184,6 +357,15 @@ def check_trace(
             "operation such as `+=`, `.add_()` or `inplace=True` on a tensor that is used "
             "again); the bound would describe a different function. Use the out-of-place form."
         )
+    if eager_ops.ops != graph_ops.ops:
+        raise CertificationError(
+            "the model runs other operations than its traced graph ("
+            + _first_difference(eager_ops.ops, graph_ops.ops)
+            + "): a branch taken only outside tracing (torch.fx's is_fx_tracing(), an "
+            "isinstance(x, torch.Tensor) test, a try/except around data-dependent control "
+            "flow, an overridden __call__) computes something the bound does not see. Write "
+            "forward so that tracing and running take the same path."
+        )
     if not isinstance(functional, torch.Tensor) or not _same(first, functional, tol):
         diff = _max_diff(first, functional) if isinstance(functional, torch.Tensor) else math.inf
         raise CertificationError(
@@ -204,7 +386,7 @@ def check_jacobians(
     lower bound of the true one, so a violation proves the bound wrong."""
     model = traceable(model)
     xs = x.detach().clone().requires_grad_(True)
-    with eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad(), full_precision():
         z = model(xs)
         if not z.requires_grad:
             raise CertificationError(
@@ -270,7 +452,7 @@ def check_gradients(
         return
     model = traceable(model)
     xs = x[:points].detach().clone().requires_grad_(True)
-    with eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad(), full_precision():
         z = model(xs)
         if logits is not None:
             ref = logits[: xs.shape[0]].detach().to(z.dtype)

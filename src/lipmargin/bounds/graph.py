@@ -16,6 +16,7 @@ operator family (see ``rules.py``). The same walk runs in three modes:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import itertools
 import numbers
 import operator
@@ -30,11 +31,19 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parameter import is_lazy
+from torch.utils._pytree import tree_flatten
 
-from ..errors import InputError, UnsupportedOperationError
+from ..errors import InputError, LipmarginError, UnsupportedOperationError
 from ..layers import LipmarginTracer
 from . import checks, norms, operators, power
-from .registry import FUNCTION_RULES, METHOD_RULES, find_module_rule
+from .registry import (
+    FUNCTION_RULES,
+    METHOD_RULES,
+    check_unpatched_functions,
+    find_module_rule,
+    snapshot_functions,
+)
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -477,6 +486,7 @@ class LipschitzBound(nn.Module):
             except Exception as exc:  # torch.fx raises many types
                 raise UnsupportedOperationError(_trace_failure(exc)) from exc
         _check_hooks(self.model)
+        check_unpatched_functions()
         modules = tuple(
             (name, id(m), type(m), id(vars(m).get("forward")))
             + tuple(map(id, m._forward_hooks.values()))
@@ -566,6 +576,11 @@ class LipschitzBound(nn.Module):
             with checks.eval_mode(self.model), torch.no_grad():
                 out = rec.run(example)
         except Exception as exc:
+            cause = exc
+            while not isinstance(cause, LipmarginError) and cause.__cause__ is not None:
+                cause = cause.__cause__
+            if isinstance(cause, LipmarginError):  # an observer hook's refusal, ...
+                raise cause from None
             raise InputError(
                 f"running the model on an input of shape {tuple(example.shape)} failed: {exc}"
             ) from exc
@@ -1197,9 +1212,17 @@ def _is_simple(v: Any, depth: int = 0) -> bool:
     return False
 
 
-#: forward (pre-)hooks that only recompute a weight from parameters before the forward (legacy
-#: ``torch.nn.utils.weight_norm`` / ``spectral_norm``); the bound reads the recomputed weight
-_WEIGHT_HOOKS = ("WeightNorm", "SpectralNorm")
+#: forward pre-hooks that only recompute a weight from parameters before the forward (legacy
+#: ``torch.nn.utils.weight_norm`` / ``spectral_norm``); the bound reads the recomputed weight.
+#: torch's own classes, not any class of that name (a user's ``SpectralNorm`` hook is refused)
+_WEIGHT_HOOKS = tuple(
+    cls
+    for cls in (
+        getattr(importlib.import_module("torch.nn.utils.weight_norm"), "WeightNorm", None),
+        getattr(importlib.import_module("torch.nn.utils.spectral_norm"), "SpectralNorm", None),
+    )
+    if isinstance(cls, type)
+)
 
 
 def observer(hook: Callable[..., Any]) -> Callable[..., Any]:
@@ -1209,10 +1232,17 @@ def observer(hook: Callable[..., Any]) -> Callable[..., Any]:
     observers."""
 
     def wrapped(*args: Any) -> None:
+        tensors = [t for t in tree_flatten(args[1:])[0] if isinstance(t, torch.Tensor)]
+        versions = [t._version for t in tensors]
         if hook(*args) is not None:
             raise UnsupportedOperationError(
                 "a hook wrapped in lipmargin.bounds.observer returned a value: it changes what "
                 "the module computes"
+            )
+        if any(t._version != v for t, v in zip(tensors, versions, strict=True)):
+            raise UnsupportedOperationError(
+                "a hook wrapped in lipmargin.bounds.observer modified a module's input or "
+                "output in place: it changes what the module computes"
             )
 
     wrapped._lipmargin_observer = True  # type: ignore[attr-defined]
@@ -1225,6 +1255,10 @@ def _global_hooks() -> list[Any]:
     return [h for h in hooks if h is not _batch_variance_hook]
 
 
+#: ``__call__`` of modules that call ``forward`` and nothing else that computes
+_PLAIN_CALLS = (nn.Module.__call__, torch.fx.GraphModule.__call__)
+
+
 def _check_hooks(model: nn.Module) -> None:
     """Forward hooks change what a module computes in ways no rule sees (a hook may act only
     on some inputs, where no check looks): refused, except the weight-recomputing pre-hooks of
@@ -1235,10 +1269,18 @@ def _check_hooks(model: nn.Module) -> None:
             "register_module_forward_hook): it changes what every module computes; remove it "
             "to certify"
         )
+    for name, m in checks.traceable(model).named_modules():
+        if type(m).__call__ not in _PLAIN_CALLS:
+            raise UnsupportedOperationError(
+                f"module {name or 'model'!r} ({type(m).__name__}) overrides __call__: the trace "
+                "follows forward, the model's calls go through __call__; move that code into "
+                "forward"
+            )
     for name, m in model.named_modules():
+        weight_hooks = [h for h in m._forward_pre_hooks.values() if isinstance(h, _WEIGHT_HOOKS)]
         hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
         for h in hooks:
-            if type(h).__name__ not in _WEIGHT_HOOKS and not getattr(h, "_lipmargin_observer", 0):
+            if not any(h is w for w in weight_hooks) and not getattr(h, "_lipmargin_observer", 0):
                 raise UnsupportedOperationError(
                     f"module {name or 'model'!r} has a forward hook ({getattr(h, '__name__', h)}): "
                     "hooks change what the module computes and no rule covers them; remove it, "
@@ -1258,6 +1300,17 @@ def _check_tensors(model: nn.Module, *, certify: bool) -> None:
     also half precision (the margin slack covers float32/float64 rounding only) and NaN/Inf."""
     named = itertools.chain(model.named_parameters(), model.named_buffers())
     for name, t in named:
+        if is_lazy(t):
+            raise InputError(
+                f"model tensor {name!r} is not initialised yet (a lazy module such as "
+                "nn.LazyLinear): run one forward pass on an input of the bound's shape first"
+            )
+        if type(t) not in (torch.Tensor, nn.Parameter):
+            raise UnsupportedOperationError(
+                f"model tensor {name!r} is a {type(t).__name__}, a tensor subclass: its own "
+                "operations (__torch_function__ / __torch_dispatch__, e.g. fake quantisation) "
+                "are not what the bound covers; certify a model with plain tensors"
+            )
         if t.is_meta:
             raise InputError(
                 f"model tensor {name!r} is on the meta device (not materialised): load real "
@@ -1335,3 +1388,7 @@ def _batch_variance_hook(module: nn.Module, inputs: tuple[Any, ...], output: Any
                     del b._batch_var[name]
 
         output.register_hook(forget)
+
+
+# torch's functions as they are when lipmargin is imported (registry: monkey-patches)
+snapshot_functions(F, torch, torch.Tensor)

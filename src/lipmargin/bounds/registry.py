@@ -14,8 +14,12 @@ Register a rule for your own operation with one of the decorators::
 
 from __future__ import annotations
 
+import os
+import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+import torch as _torch
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -36,6 +40,7 @@ def register_module(*types: type) -> Callable[[Rule], Rule]:
     def deco(rule: Rule) -> Rule:
         for t in types:
             MODULE_RULES[t] = rule
+            _snapshot_class(t)
         return rule
 
     return deco
@@ -74,5 +79,103 @@ def find_module_rule(module: object) -> Rule | None:
         if cls in MODULE_RULES:
             if cls is not kind and getattr(kind, "forward", None) is not cls.forward:
                 return None
+            check_unpatched_class(kind, cls)
             return MODULE_RULES[cls]
     return None
+
+
+# -- monkey-patches ---------------------------------------------------------------------------
+# A rule covers the implementation the class (or function) had when it was registered. Patching
+# ``nn.Linear.forward`` or ``F.linear`` changes what every instance computes, in eager runs and
+# in the graph's run alike, so no comparison of the two sees it: the implementations are
+# compared with snapshots taken at import instead (and torch's own classes and functions must
+# come from torch's modules, which catches most patches made before lipmargin was imported).
+_TORCH_DIR = os.path.dirname(os.path.abspath(_torch.__file__))
+_NATIVE = (
+    types.BuiltinFunctionType,
+    types.MethodDescriptorType,
+    types.WrapperDescriptorType,
+    types.MethodWrapperType,
+    types.ClassMethodDescriptorType,
+    types.GetSetDescriptorType,
+    types.MemberDescriptorType,
+)
+_CLASS_SNAPSHOTS: dict[type, dict[str, Any]] = {}
+_FUNCTION_SNAPSHOTS: dict[tuple[Any, str], Any] = {}
+
+
+def _snapshot_class(cls: type) -> None:
+    for c in cls.__mro__:
+        if c is object or c in _CLASS_SNAPSHOTS:
+            continue
+        _CLASS_SNAPSHOTS[c] = {k: v for k, v in vars(c).items() if callable(v)}
+
+
+def _from_torch(fn: Any) -> bool:
+    """Implemented by torch: native code, or Python code in a file of torch's package (a
+    wrapper applied with ``functools.wraps`` keeps the wrapped function's ``__module__``, not
+    its file)."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        if isinstance(fn, (staticmethod, classmethod)):
+            return _from_torch(fn.__func__)
+        call = getattr(type(fn), "__call__", None)  # noqa: B004
+        if isinstance(fn, _NATIVE) or call is None or isinstance(call, _NATIVE):
+            return True  # native (C++) functions and descriptors
+        code = getattr(call, "__code__", None)
+        if code is None:
+            return True
+    return os.path.abspath(code.co_filename).startswith(_TORCH_DIR)
+
+
+def _unchanged(now: Any, then: Any) -> bool:
+    """``now`` is the remembered implementation, or torch's own wrapper of it (torch wraps some
+    of its functions on first use, e.g. ``torch.manual_seed`` when dynamo loads)."""
+    if now is then:
+        return _from_torch(now)
+    return _from_torch(now) and getattr(now, "__wrapped__", None) is then
+
+
+def check_unpatched_class(kind: type, registered: type) -> None:
+    """Raise ``UnsupportedOperationError`` if a method of ``kind``'s classes down to
+    ``registered`` (whose rule applies) differs from its snapshot."""
+    from ..errors import UnsupportedOperationError
+
+    for c in kind.__mro__:
+        snap = _CLASS_SNAPSHOTS.get(c)
+        for name, fn in (snap or {}).items():
+            now = vars(c).get(name)
+            if now is not fn or (c.__module__.startswith("torch") and not _from_torch(now)):
+                raise UnsupportedOperationError(
+                    f"{c.__module__}.{c.__qualname__}.{name} has been replaced (a monkey-patch): "
+                    f"the rule for {registered.__name__} covers its original implementation; "
+                    "undo the patch to certify"
+                )
+        if c is registered:
+            return
+
+
+def snapshot_functions(*namespaces: Any) -> None:
+    """Remember the public functions of ``namespaces`` (``torch.nn.functional``, ...)."""
+    for ns in namespaces:
+        for name, fn in list(vars(ns).items()):
+            if (
+                callable(fn)
+                and not isinstance(fn, type)
+                and not name.startswith("__")
+                and _from_torch(fn)
+            ):
+                _FUNCTION_SNAPSHOTS[(ns, name)] = fn
+
+
+def check_unpatched_functions() -> None:
+    """Raise ``UnsupportedOperationError`` if a remembered function was replaced since, or a
+    torch function comes from outside torch."""
+    from ..errors import UnsupportedOperationError
+
+    for (ns, name), fn in _FUNCTION_SNAPSHOTS.items():
+        if not _unchanged(getattr(ns, name, None), fn):
+            raise UnsupportedOperationError(
+                f"{ns.__name__}.{name} has been replaced (a monkey-patch): the rules cover "
+                "torch's own implementation; undo the patch to certify"
+            )

@@ -23,6 +23,12 @@ def _not_lipschitz(ctx: WalkContext, node: Node) -> torch.Tensor:
     name = (
         type(target).__name__ if node.op == "call_module" else getattr(target, "__name__", target)
     )
+    if "softmax" in str(name).lower():
+        raise UnsupportedOperationError(
+            f"graph node {node.name!r} ({name}): certificates are computed on the logits, and a "
+            "softmax turns them into probabilities (same argmax, other margins); remove the "
+            "final softmax / log_softmax from the model you certify"
+        )
     raise UnsupportedOperationError(
         f"graph node {node.name!r} ({name}) is not globally Lipschitz (it divides by a "
         "statistic of its input or multiplies activations), so no certificate can cover it."

@@ -1,0 +1,268 @@
+"""Ordinary PyTorch habits that used to yield false certificates or unclear errors (session 7's
+red team). Each false-certificate case is a model whose eager run differs from what the bound
+reads only away from the random points the value checks use (an outlier guard that acts above
+|x| = 5): before the defences, certify() returned radius 4.45 at x = (4.5, 0, 0, 0) while the
+prediction flipped 0.5-1.05 away."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from lipmargin import LipschitzBound, certify
+from lipmargin.bounds import observer
+from lipmargin.bounds.checks import full_precision
+from lipmargin.errors import CertificationError, InputError, UnsupportedOperationError
+
+REFUSED = (CertificationError, UnsupportedOperationError, InputError)
+X = torch.tensor([[4.5, 0.0, 0.0, 0.0]])
+Y = torch.tensor([0])
+
+
+def head() -> nn.Linear:
+    """Logits (x0, -x0 + 0.1): class 0 at X with margin 8.9, K[0, 1] = 2."""
+    lin = nn.Linear(4, 2)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight[0, 0], lin.weight[1, 0] = 1.0, -1.0
+        lin.bias.copy_(torch.tensor([0.0, 0.1]))
+    return lin
+
+
+def guard(x: torch.Tensor) -> torch.Tensor:
+    """An outlier guard: zero inputs beyond 5 (inactive at the random check points)."""
+    return x * (x.abs() <= 5)
+
+
+def assert_refused(model: nn.Module, match: str) -> None:
+    with pytest.raises(REFUSED, match=match):
+        certify(model, X, Y, LipschitzBound(model, (4,)))
+
+
+def test_class_level_forward_patch_is_refused() -> None:
+    original = nn.Linear.forward
+
+    def patched(self, x):
+        return original(self, x) + 10.0 * F.relu(x[:, :1] - 5.0) * torch.tensor([-1.0, 1.0])
+
+    nn.Linear.forward = patched
+    try:
+        assert_refused(nn.Sequential(head()), "monkey-patch")
+    finally:
+        nn.Linear.forward = original
+    LipschitzBound(nn.Sequential(head()), (4,)).certified()  # undone: certifies again
+
+
+def test_functional_patch_is_refused() -> None:
+    original = F.linear
+    F.linear = lambda x, w, b=None: original(guard(x), w, b)
+    try:
+        assert_refused(nn.Sequential(head()), "monkey-patch")
+    finally:
+        F.linear = original
+
+
+class FxTracingBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = head()
+
+    def forward(self, x):
+        if not torch.fx._symbolic_trace.is_fx_tracing():
+            x = guard(x)
+        return self.fc(x)
+
+
+class IsinstanceBranch(FxTracingBranch):
+    def forward(self, x):
+        if isinstance(x, torch.Tensor):  # a Proxy while tracing
+            x = guard(x)
+        return self.fc(x)
+
+
+class SwallowedTraceError(FxTracingBranch):
+    def forward(self, x):
+        try:
+            if bool((x.abs() > 5).any()):
+                x = guard(x)
+        except Exception:  # fx's TraceError: the trace skips the branch
+            pass
+        return self.fc(x)
+
+
+class CallOverride(FxTracingBranch):
+    def forward(self, x):
+        return self.fc(x)
+
+    def __call__(self, x):
+        return super().__call__(guard(x))
+
+
+@pytest.mark.parametrize(
+    "model_cls", [FxTracingBranch, IsinstanceBranch, SwallowedTraceError, CallOverride]
+)
+def test_eager_only_branches_are_refused(model_cls) -> None:
+    model = model_cls()
+    with torch.no_grad():  # the false certificate these used to get: the guard flips X
+        assert model(X + torch.tensor([[0.6, 0, 0, 0]])).argmax(1).item() == 1
+    assert_refused(model, "other operations than its traced graph|overrides __call__")
+
+
+def test_eager_only_shape_checks_and_constant_slices_are_accepted() -> None:
+    class Checked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = head()
+            self.register_buffer("scale", torch.full((1, 8), 0.5))
+
+        def forward(self, x):
+            if not torch.fx._symbolic_trace.is_fx_tracing():
+                assert x.dim() == 2 and x.shape[1] == 4  # metadata only
+            return self.fc(x * self.scale[:, :4])  # a constant slice, computed once by fx
+
+    model = Checked()
+    radius = certify(model, X, Y, LipschitzBound(model, (4,)))
+    assert float(radius[0]) == pytest.approx(4.4, rel=1e-4)  # margin 2.25 + 2.15, K[0, 1] = 1
+
+
+def test_tensor_subclass_weight_is_refused() -> None:
+    class FakeQuant(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.linear:
+                args = (torch.round(args[0]), *args[1:])
+            return super().__torch_function__(func, types, args, kwargs)
+
+    model = nn.Sequential(head())
+    model[0].weight = nn.Parameter(model[0].weight.detach().as_subclass(FakeQuant))
+    with pytest.raises(UnsupportedOperationError, match="tensor subclass"):
+        LipschitzBound(model, (4,))
+
+
+def test_hook_named_like_torchs_weight_norm_is_refused() -> None:
+    class WeightNorm:  # a user's own class, named like torch's legacy hook
+        def __call__(self, module, inputs, output):
+            return output * 10
+
+    model = nn.Sequential(head())
+    model[0].register_forward_hook(WeightNorm())
+    with pytest.raises(UnsupportedOperationError, match="forward hook"):
+        LipschitzBound(model, (4,))
+
+
+def test_observer_that_writes_in_place_is_refused() -> None:
+    model = nn.Sequential(head())
+
+    def clip(module, inputs, output):
+        output.sub_(F.relu(output - 5.0))
+
+    model[0].register_forward_hook(observer(clip))
+    with pytest.raises(UnsupportedOperationError, match="in place"):
+        LipschitzBound(model, (4,))
+
+
+def test_observer_that_only_reads_is_accepted() -> None:
+    seen = []
+    model = nn.Sequential(head())
+    model[0].register_forward_hook(observer(lambda m, i, o: seen.append(float(o.abs().sum()))))
+    certify(model, X, Y, LipschitzBound(model, (4,)))
+    assert seen
+
+
+@pytest.mark.parametrize("op", ["relu_", "clamp_", "sigmoid_"])
+def test_forward_writing_its_input_gets_a_clear_error(op) -> None:
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = head()
+
+        def forward(self, x):
+            return self.fc(getattr(x, op)(*([-1.0] if op == "clamp_" else [])))
+
+    with pytest.raises(CertificationError, match="modifies its input in place"):
+        LipschitzBound(InPlace(), (4,))
+
+
+def test_model_and_input_dtypes_must_match() -> None:
+    model = nn.Sequential(head()).double()
+    bound = LipschitzBound(model, (4,))
+    with pytest.raises(InputError, match="convert them"):
+        certify(model, X, Y, bound)  # float32 inputs, float64 model
+    assert certify(model, X.double(), Y, bound)[0] > 0
+
+
+def test_lazy_module_gets_a_clear_error() -> None:
+    model = nn.Sequential(nn.LazyLinear(2))
+    with pytest.raises(InputError, match="not initialised"):
+        LipschitzBound(model, (4,))
+
+
+def test_data_parallel_wrapper_certifies_its_module() -> None:
+    inner = nn.Sequential(head())
+    wrapped = nn.DataParallel(inner)
+    r_inner = certify(inner, X, Y, LipschitzBound(inner, (4,)))
+    r_wrapped = certify(wrapped, X, Y, LipschitzBound(wrapped, (4,)))
+    torch.testing.assert_close(r_inner, r_wrapped)
+
+
+def test_final_softmax_is_refused_with_the_reason() -> None:
+    with pytest.raises(UnsupportedOperationError, match="remove the final softmax"):
+        LipschitzBound(nn.Sequential(head(), nn.Softmax(dim=1)), (4,))
+
+
+def test_certify_refuses_inputs_that_are_subclasses_and_function_modes() -> None:
+    model = nn.Sequential(head())
+    bound = LipschitzBound(model, (4,))
+
+    class Sub(torch.Tensor):
+        pass
+
+    with pytest.raises(InputError, match="tensor subclass"):
+        certify(model, X.as_subclass(Sub), Y, bound)
+
+    class Rounding(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Rounding(), pytest.raises(InputError, match="function mode"):
+        certify(model, X, Y, bound)
+    with torch.device("cpu"):  # a device context is a function mode too, and harmless
+        assert certify(model, X, Y, bound)[0] > 0
+
+
+def _precision_flags() -> dict[str, object]:
+    b = torch.backends
+    flags = {"matmul": torch.get_float32_matmul_precision()}
+    for owner in ("cuda", "cudnn", "mkldnn"):
+        for part in ("matmul", "conv", "rnn"):
+            obj = getattr(getattr(b, owner, None), part, None)
+            if hasattr(obj, "fp32_precision"):
+                flags[f"{owner}.{part}"] = obj.fp32_precision
+    return flags
+
+
+def test_full_precision_turns_tf32_off_and_restores_the_flags() -> None:
+    before = _precision_flags()
+    assert before.get("cudnn.conv") in (None, "tf32", "ieee", "none")
+    torch.set_float32_matmul_precision("high")
+    try:
+        changed = _precision_flags()
+        with full_precision():
+            inside = _precision_flags()
+            with full_precision():  # nested: no error, still full precision
+                assert _precision_flags() == inside
+        assert _precision_flags() == changed
+    finally:  # back to this process's settings (setting the precision also sets flags)
+        torch.set_float32_matmul_precision(before["matmul"])
+        for key, value in before.items():
+            if key != "matmul":
+                owner, part = key.split(".")
+                getattr(getattr(torch.backends, owner), part).fp32_precision = value
+    assert inside["matmul"] == "highest"
+    assert all(v == "ieee" for k, v in inside.items() if k != "matmul")
+    assert _precision_flags() == before
