@@ -264,5 +264,10 @@ def test_full_precision_turns_tf32_off_and_restores_the_flags() -> None:
                 owner, part = key.split(".")
                 getattr(getattr(torch.backends, owner), part).fp32_precision = value
     assert inside["matmul"] == "highest"
-    assert all(v == "ieee" for k, v in inside.items() if k != "matmul")
+    # "none" is the default (full precision); cuDNN convolutions default to TF32
+    assert all(v in ("ieee", "none") for k, v in inside.items() if k != "matmul")
+    assert inside.get("cudnn.conv", "ieee") == "ieee"
     assert _precision_flags() == before
+    if "cudnn.conv" in before:
+        with full_precision("cpu"):  # CPU forward passes: the oneDNN flags only
+            assert _precision_flags()["cudnn.conv"] == before["cudnn.conv"]

@@ -226,7 +226,7 @@ def certify(
     _check_same_model(model, bound)
     cert = _resolve(bound, allow_estimate)
     _check_batch(x, y, cert, model_dtype(model))
-    with eval_mode(model), full_precision():
+    with eval_mode(model), full_precision(x.device.type):
         with torch.no_grad():
             logits = model(x)
         # first the radii (they refuse non-finite logits, bad labels and rtol with InputError),
@@ -295,7 +295,7 @@ def evaluate(
     cert = _resolve(bound, allow_estimate=False)
     radii, correct = [], []
     dtype = model_dtype(model)
-    with eval_mode(model), full_precision():
+    with eval_mode(model), full_precision():  # the batches' device is not known yet
         for xb, yb in batches:
             _check_batch(xb, yb, cert, dtype)
             with torch.no_grad():

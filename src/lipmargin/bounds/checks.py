@@ -252,30 +252,42 @@ def _first_difference(eager: list[Any], graph: list[Any]) -> str:
     return f"after {len(eager)} operations the graph goes on with {_op_name(graph[len(eager)])}"
 
 
+def _precision_flags(owners: tuple[str, ...]) -> list[Any]:
+    """The ``fp32_precision`` flag holders of these backends (torch >= 2.9's API), or []."""
+    out = []
+    for owner in owners:
+        base = getattr(torch.backends, owner, None)
+        for part in ("matmul", "conv", "rnn"):
+            obj = getattr(base, part, None)
+            if hasattr(obj, "fp32_precision"):
+                out.append(obj)
+    return out
+
+
+_FLAGS: dict[str, list[Any]] = {}
+
+
 @contextlib.contextmanager
-def full_precision() -> Iterator[None]:
+def full_precision(device_type: str | None = None) -> Iterator[None]:
     """float32 matrix products and convolutions in full IEEE precision for the duration: no
     TF32 (cuDNN convolutions default to it on Ampere and later GPUs, ~1e-3 relative error, far
     above the margin slack radii allow for rounding) and no reduced-precision oneDNN paths.
-    Restored afterwards."""
-    saved: list[tuple[Any, str, Any]] = []
-
-    def put(obj: Any, attr: str, value: Any) -> None:
-        if obj is not None and hasattr(obj, attr):
-            old = getattr(obj, attr)
-            if old != value:
-                saved.append((obj, attr, old))
-                setattr(obj, attr, value)
-
-    backends = torch.backends
-    new_api = hasattr(getattr(backends.cudnn, "conv", None), "fp32_precision")
-    for owner in ("cuda", "cudnn", "mkldnn") if new_api else ():
-        base = getattr(backends, owner, None)
-        for part in ("matmul", "conv", "rnn"):
-            put(getattr(base, part, None), "fp32_precision", "ieee")
-    if not new_api:  # older torch: the legacy flags (mixing the two APIs is an error)
-        put(getattr(backends.cuda, "matmul", None), "allow_tf32", False)
-        put(backends.cudnn, "allow_tf32", False)
+    Restored afterwards. ``device_type="cpu"`` touches the CPU (oneDNN) settings only."""
+    key = "cpu" if device_type == "cpu" else "all"
+    if key not in _FLAGS:
+        _FLAGS[key] = _precision_flags(("mkldnn",) if key == "cpu" else ("cuda", "cudnn", "mkldnn"))
+    saved = []
+    for obj in _FLAGS[key]:
+        old = obj.fp32_precision
+        if old not in ("ieee", "none"):  # "none": the default, full precision here
+            saved.append((obj, old))
+            obj.fp32_precision = "ieee"
+    legacy = []
+    if key == "all" and not _FLAGS[key]:  # older torch: the legacy flags (never mix the two)
+        for obj in (torch.backends.cuda.matmul, torch.backends.cudnn):
+            if getattr(obj, "allow_tf32", False):
+                legacy.append(obj)
+                obj.allow_tf32 = False
     precision = torch.get_float32_matmul_precision()
     try:
         if precision != "highest":
@@ -284,8 +296,10 @@ def full_precision() -> Iterator[None]:
     finally:  # the precision first: setting it also sets some flags, which are restored last
         if precision != "highest":
             torch.set_float32_matmul_precision(precision)
-        for obj, attr, old in reversed(saved):
-            setattr(obj, attr, old)
+        for obj, old in reversed(saved):
+            obj.fp32_precision = old
+        for obj in legacy:
+            obj.allow_tf32 = True
 
 
 def check_trace(
@@ -313,7 +327,7 @@ def check_trace(
     eager_ops, graph_ops = _OpRecorder(x), _OpRecorder(x)
     version = x._version
     inner = traceable(model)
-    with eval_mode(model), torch.no_grad(), full_precision():
+    with eval_mode(model), torch.no_grad(), full_precision(x.device.type):
         with _hooks_paused(model, eager_ops), eager_ops:
             first = model(x)
         if inner is not model:  # torch.compile / DataParallel: the module the trace follows
@@ -386,7 +400,7 @@ def check_jacobians(
     lower bound of the true one, so a violation proves the bound wrong."""
     model = traceable(model)
     xs = x.detach().clone().requires_grad_(True)
-    with eval_mode(model), torch.enable_grad(), full_precision():
+    with eval_mode(model), torch.enable_grad(), full_precision(xs.device.type):
         z = model(xs)
         if not z.requires_grad:
             raise CertificationError(
@@ -452,7 +466,7 @@ def check_gradients(
         return
     model = traceable(model)
     xs = x[:points].detach().clone().requires_grad_(True)
-    with eval_mode(model), torch.enable_grad(), full_precision():
+    with eval_mode(model), torch.enable_grad(), full_precision(xs.device.type):
         z = model(xs)
         if logits is not None:
             ref = logits[: xs.shape[0]].detach().to(z.dtype)
