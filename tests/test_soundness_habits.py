@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 from lipmargin import LipschitzBound, certify
 from lipmargin.bounds import observer
 from lipmargin.bounds.checks import full_precision
+from lipmargin.certify import evaluate
 from lipmargin.errors import CertificationError, InputError, UnsupportedOperationError
 
 REFUSED = (CertificationError, UnsupportedOperationError, InputError)
@@ -271,3 +272,21 @@ def test_full_precision_turns_tf32_off_and_restores_the_flags() -> None:
     if "cudnn.conv" in before:
         with full_precision("cpu"):  # CPU forward passes: the oneDNN flags only
             assert _precision_flags()["cudnn.conv"] == before["cudnn.conv"]
+
+
+class BatchSizeBranch(FxTracingBranch):
+    def forward(self, x):
+        if not torch.fx._symbolic_trace.is_fx_tracing() and x.shape[0] >= 16:
+            x = guard(x)  # only on large batches: not at the trace check's 3 examples
+        return self.fc(x)
+
+
+def test_branch_on_the_batch_size_is_caught_where_it_acts() -> None:
+    model = BatchSizeBranch()
+    bound = LipschitzBound(model, (4,))  # the trace check's 3 examples do not take the branch
+    assert float(certify(model, X, Y, bound)[0]) > 4  # batch of 1: the function the bound covers
+    xs, ys = X.repeat(32, 1), Y.repeat(32)
+    with pytest.raises(CertificationError, match="other operations than its traced graph"):
+        certify(model, xs, ys, bound)
+    with pytest.raises(CertificationError, match="other operations than its traced graph"):
+        evaluate(model, LipschitzBound(model, (4,)), [(xs, ys)], [1.0])

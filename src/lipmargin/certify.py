@@ -20,7 +20,14 @@ from torch import nn
 from torch.utils._device import DeviceContext
 
 from .bounds import CertifiedBound, LipschitzBound
-from .bounds.checks import check_gradients, eval_mode, full_precision
+from .bounds.checks import (
+    check_gradients,
+    check_operations,
+    eval_mode,
+    full_precision,
+    recorded_forward,
+    traceable,
+)
 from .errors import InputError
 
 #: Relative slack subtracted from each logit difference: covers float32 rounding of the forward
@@ -38,11 +45,30 @@ SELF_CHECK_FIRST = 8
 SELF_CHECK_EVERY = 8
 
 
+def _scheduled(cert: CertifiedBound) -> bool:
+    """Whether the next batch certified with ``cert`` is one the self-checks look at."""
+    count = cert.certified_batches
+    return cert.guaranteed and (count < SELF_CHECK_FIRST or count % SELF_CHECK_EVERY == 0)
+
+
+def _forward(model: nn.Module, x: torch.Tensor, cert: CertifiedBound) -> torch.Tensor:
+    """The logits (no gradients); on the batches the self-checks look at, with the operations
+    the eager run calls compared with the traced graph's (``checks.check_operations``: a branch
+    that only eager code takes, e.g. on the batch size, shows up where it acts)."""
+    with torch.no_grad():
+        if cert.operations is None or not _scheduled(cert) or traceable(model) is not model:
+            return model(x)
+        logits, ops = recorded_forward(model, x)
+    check_operations(ops, cert.operations)
+    return logits
+
+
 def _self_check(model: nn.Module, x: torch.Tensor, cert: CertifiedBound, logits) -> None:
     """Gradient self-check of one batch on the schedule above (``check_gradients``)."""
+    scheduled = _scheduled(cert)
     count = cert.certified_batches
     cert.certified_batches = count + 1
-    if count >= SELF_CHECK_FIRST and count % SELF_CHECK_EVERY:
+    if not scheduled:
         return
     n = x.shape[0]
     start = 0 if n <= SELF_CHECK_POINTS else (count * 7919) % (n - SELF_CHECK_POINTS + 1)
@@ -227,8 +253,7 @@ def certify(
     cert = _resolve(bound, allow_estimate)
     _check_batch(x, y, cert, model_dtype(model))
     with eval_mode(model), full_precision(x.device.type):
-        with torch.no_grad():
-            logits = model(x)
+        logits = _forward(model, x, cert)
         # first the radii (they refuse non-finite logits, bad labels and rtol with InputError),
         # then the self-check: no radii are returned unless it passes
         radii = radii_from_logits(logits, y, cert, rtol=rtol)
@@ -298,8 +323,7 @@ def evaluate(
     with eval_mode(model), full_precision():  # the batches' device is not known yet
         for xb, yb in batches:
             _check_batch(xb, yb, cert, dtype)
-            with torch.no_grad():
-                logits = model(xb)
+            logits = _forward(model, xb, cert)
             batch_radii = radii_from_logits(logits, yb, cert, rtol=rtol)  # InputError first
             _self_check(model, xb, cert, logits)
             radii.append(batch_radii.cpu())

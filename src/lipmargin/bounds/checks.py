@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -199,16 +200,22 @@ class _OpRecorder(TorchFunctionMode):
         super().__init__()
         self.ops: list[Any] = []
         self.paused = 0
-        self._tainted: dict[int, torch.Tensor] = {id(x): x}  # the tensors keep their ids alive
+        # weak references: a large batch's intermediate results are freed as in a plain
+        # forward pass (a dead reference never matches a new tensor that reuses its id)
+        self._tainted: dict[int, weakref.ref] = {id(x): weakref.ref(x)}
+
+    def _is_tainted(self, v: Any) -> bool:
+        ref = self._tainted.get(id(v)) if isinstance(v, torch.Tensor) else None
+        return ref is not None and ref() is v
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         leaves, _ = tree_flatten((args, kwargs))
-        if any(isinstance(v, torch.Tensor) and id(v) in self._tainted for v in leaves):
+        if any(self._is_tainted(v) for v in leaves):
             for v in tree_flatten(out)[0]:
                 if isinstance(v, torch.Tensor):
-                    self._tainted[id(v)] = v
+                    self._tainted[id(v)] = weakref.ref(v)
             if not self.paused and func not in _IGNORED_OPS:
                 self.ops.append(func)
         return out
@@ -302,6 +309,28 @@ def full_precision(device_type: str | None = None) -> Iterator[None]:
             obj.allow_tf32 = True
 
 
+def check_operations(eager: Sequence[Any], graph: Sequence[Any]) -> None:
+    """Raise ``CertificationError`` unless an eager run called the graph's operations."""
+    if list(eager) != list(graph):
+        raise CertificationError(
+            "the model runs other operations than its traced graph ("
+            + _first_difference(list(eager), list(graph))
+            + "): a branch taken only outside tracing (torch.fx's is_fx_tracing(), an "
+            "isinstance(x, torch.Tensor) test, a try/except around data-dependent control "
+            "flow, a test of the batch size, an overridden __call__) computes something the "
+            "bound does not see. Write forward so that tracing and running take the same path."
+        )
+
+
+def recorded_forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
+    """``model(x)`` and the operations it called on tensors that depend on ``x`` (hooks
+    aside), as :func:`check_trace` records them."""
+    ops = _OpRecorder(x)
+    with _hooks_paused(model, ops), ops:
+        out = model(x)
+    return out, ops.ops
+
+
 def check_trace(
     model: nn.Module,
     gm: torch.fx.GraphModule,
@@ -311,9 +340,10 @@ def check_trace(
     device: torch.device,
     examples: int = 3,
     seed: int = 0,
-) -> None:
+) -> tuple[Any, ...]:
     """Raise ``CertificationError`` unless the traced graph, read functionally, computes what the
-    eager model computes in evaluation mode (see the module docstring).
+    eager model computes in evaluation mode (see the module docstring). Returns the graph's
+    operations (``certify`` compares the eager runs of the batches it checks with them).
 
     Runs on ``examples`` standard-normal inputs of shape ``input_shape`` (a fixed seed), in
     evaluation mode, without gradients. Tolerances: 1e-5 relative to the logit scale in float32
@@ -324,16 +354,13 @@ def check_trace(
     x = torch.randn((examples, *input_shape), generator=g, dtype=torch.float64)
     x = x.to(device=device, dtype=dtype)
     rel = 1e-12 if dtype == torch.float64 else 1e-5
-    eager_ops, graph_ops = _OpRecorder(x), _OpRecorder(x)
+    graph_ops = _OpRecorder(x)
     version = x._version
     inner = traceable(model)
     with eval_mode(model), torch.no_grad(), full_precision(x.device.type):
-        with _hooks_paused(model, eager_ops), eager_ops:
-            first = model(x)
+        first, eager_ops = recorded_forward(model, x)
         if inner is not model:  # torch.compile / DataParallel: the module the trace follows
-            eager_ops = _OpRecorder(x)
-            with _hooks_paused(inner, eager_ops), eager_ops:
-                inner(x)
+            _, eager_ops = recorded_forward(inner, x)
         if x._version != version:
             raise CertificationError(
                 "the model's forward modifies its input in place (e.g. x.relu_(), x.clamp_(), "
@@ -371,15 +398,7 @@ def check_trace(
             "operation such as `+=`, `.add_()` or `inplace=True` on a tensor that is used "
             "again); the bound would describe a different function. Use the out-of-place form."
         )
-    if eager_ops.ops != graph_ops.ops:
-        raise CertificationError(
-            "the model runs other operations than its traced graph ("
-            + _first_difference(eager_ops.ops, graph_ops.ops)
-            + "): a branch taken only outside tracing (torch.fx's is_fx_tracing(), an "
-            "isinstance(x, torch.Tensor) test, a try/except around data-dependent control "
-            "flow, an overridden __call__) computes something the bound does not see. Write "
-            "forward so that tracing and running take the same path."
-        )
+    check_operations(eager_ops, graph_ops.ops)
     if not isinstance(functional, torch.Tensor) or not _same(first, functional, tol):
         diff = _max_diff(first, functional) if isinstance(functional, torch.Tensor) else math.inf
         raise CertificationError(
@@ -388,6 +407,7 @@ def check_trace(
             "used again (`out = h; out += x`), a forward hook or a monkey-patched forward, "
             "Python state read in forward. The bound would describe a different function."
         )
+    return tuple(graph_ops.ops)
 
 
 def check_jacobians(

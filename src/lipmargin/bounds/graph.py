@@ -92,6 +92,9 @@ class CertifiedBound:
     #: batches ``certify``/``evaluate`` have certified with this bound (schedules the gradient
     #: self-check, ``lipmargin.certify.SELF_CHECK_FIRST`` / ``SELF_CHECK_EVERY``)
     certified_batches: int = field(default=0, compare=False, repr=False)
+    #: the traced graph's torch operations on input-dependent tensors (``checks.check_trace``):
+    #: ``certify`` runs the batches it self-checks with them recorded and compares
+    operations: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -454,13 +457,14 @@ class LipschitzBound(nn.Module):
         #: (graph, dtype, device, digest) of the last passed trace check: certified() skips
         #: the check for exactly the same graph and tensors (``_trace_check_key``)
         self._trace_checked: tuple[Any, ...] | None = None
+        self._operations: tuple[Any, ...] | None = None
         _check_tensors(model, certify=False)
         self._build(*self._trace())
         weakref.finalize(self, _unwatch_dead)
         if _dtype_of(model) in (torch.float32, torch.float64):
             # Defence in depth (docs/SOUNDNESS.md): refuse at once a model whose trace does not
             # compute what it computes; certified() checks again for the model as it is then.
-            checks.check_trace(
+            self._operations = checks.check_trace(
                 model,
                 self._graph_module,
                 self.input_shape,
@@ -509,6 +513,7 @@ class LipschitzBound(nn.Module):
         self._structure = structure
         self._cache = None
         self._trace_checked = None  # a new graph: checked again before it certifies
+        self._operations = None
         self._record_example()
         graph = gm.graph
         self._modules_by_node = {
@@ -1048,7 +1053,7 @@ class LipschitzBound(nn.Module):
         _check_tensors(self.model, certify=True)
         dtype, device = _dtype_of(self.model), self._device()
         if self._trace_checked != self._trace_check_key(digest):
-            checks.check_trace(
+            self._operations = checks.check_trace(
                 self.model, self._graph_module, self.input_shape, dtype=dtype, device=device
             )
             # after the eager forward of the check: forward pre-hooks (legacy weight_norm) have
@@ -1073,6 +1078,7 @@ class LipschitzBound(nn.Module):
             conv_method=self.conv_method,
             guaranteed=self.conv_method != "power",
             input_shape=self.input_shape,
+            operations=self._operations,
         )
         if result.guaranteed:
             g = torch.Generator().manual_seed(self.seed)

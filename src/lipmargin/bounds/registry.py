@@ -100,15 +100,19 @@ _NATIVE = (
     types.GetSetDescriptorType,
     types.MemberDescriptorType,
 )
-_CLASS_SNAPSHOTS: dict[type, dict[str, Any]] = {}
-_FUNCTION_SNAPSHOTS: dict[tuple[Any, str], Any] = {}
+#: per class, its methods when registered and whether they were torch's own (torch classes)
+_CLASS_SNAPSHOTS: dict[type, dict[str, tuple[Any, bool]]] = {}
+_FUNCTIONS_BY_NAMESPACE: dict[Any, list[tuple[str, Any]]] = {}
 
 
 def _snapshot_class(cls: type) -> None:
     for c in cls.__mro__:
         if c is object or c in _CLASS_SNAPSHOTS:
             continue
-        _CLASS_SNAPSHOTS[c] = {k: v for k, v in vars(c).items() if callable(v)}
+        torch_class = c.__module__.startswith("torch")
+        _CLASS_SNAPSHOTS[c] = {
+            k: (v, not torch_class or _from_torch(v)) for k, v in vars(c).items() if callable(v)
+        }
 
 
 def _from_torch(fn: Any) -> bool:
@@ -131,8 +135,8 @@ def _from_torch(fn: Any) -> bool:
 def _unchanged(now: Any, then: Any) -> bool:
     """``now`` is the remembered implementation, or torch's own wrapper of it (torch wraps some
     of its functions on first use, e.g. ``torch.manual_seed`` when dynamo loads)."""
-    if now is then:
-        return _from_torch(now)
+    if now is then:  # checked when remembered
+        return True
     return _from_torch(now) and getattr(now, "__wrapped__", None) is then
 
 
@@ -143,9 +147,8 @@ def check_unpatched_class(kind: type, registered: type) -> None:
 
     for c in kind.__mro__:
         snap = _CLASS_SNAPSHOTS.get(c)
-        for name, fn in (snap or {}).items():
-            now = vars(c).get(name)
-            if now is not fn or (c.__module__.startswith("torch") and not _from_torch(now)):
+        for name, (fn, from_torch) in (snap or {}).items():
+            if vars(c).get(name) is not fn or not from_torch:
                 raise UnsupportedOperationError(
                     f"{c.__module__}.{c.__qualname__}.{name} has been replaced (a monkey-patch): "
                     f"the rule for {registered.__name__} covers its original implementation; "
@@ -165,7 +168,7 @@ def snapshot_functions(*namespaces: Any) -> None:
                 and not name.startswith("__")
                 and _from_torch(fn)
             ):
-                _FUNCTION_SNAPSHOTS[(ns, name)] = fn
+                _FUNCTIONS_BY_NAMESPACE.setdefault(ns, []).append((name, fn))
 
 
 def check_unpatched_functions() -> None:
@@ -173,7 +176,11 @@ def check_unpatched_functions() -> None:
     torch function comes from outside torch."""
     from ..errors import UnsupportedOperationError
 
-    for (ns, name), fn in _FUNCTION_SNAPSHOTS.items():
+    changed = []  # the fast path: identity only
+    for ns, entries in _FUNCTIONS_BY_NAMESPACE.items():
+        get = vars(ns).get
+        changed += [(ns, name, fn) for name, fn in entries if get(name) is not fn]
+    for ns, name, fn in changed:
         if not _unchanged(getattr(ns, name, None), fn):
             raise UnsupportedOperationError(
                 f"{ns.__name__}.{name} has been replaced (a monkey-patch): the rules cover "
