@@ -39,7 +39,7 @@ import torch
 import torch.fx
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from ..errors import CertificationError
 
@@ -190,6 +190,19 @@ def _op_name(func: Any) -> str:
     return f"{owner.__name__}.{name}" if owner is not None and "." not in name else str(name)
 
 
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in nested tuples, lists and dicts (a plain loop: ``tree_flatten`` costs
+    more than the operations of a small model)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
 class _OpRecorder(TorchFunctionMode):
     """The torch functions a run calls on tensors that depend on its input, outermost calls
     only (inside ``__torch_function__`` the mode is off), metadata queries and copies aside.
@@ -211,11 +224,9 @@ class _OpRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        leaves, _ = tree_flatten((args, kwargs))
-        if any(self._is_tainted(v) for v in leaves):
-            for v in tree_flatten(out)[0]:
-                if isinstance(v, torch.Tensor):
-                    self._tainted[id(v)] = weakref.ref(v)
+        if any(self._is_tainted(v) for v in _tensors((args, kwargs))):
+            for v in _tensors(out):
+                self._tainted[id(v)] = weakref.ref(v)
             if not self.paused and func not in _IGNORED_OPS:
                 self.ops.append(func)
         return out
