@@ -290,3 +290,133 @@ def test_branch_on_the_batch_size_is_caught_where_it_acts() -> None:
         certify(model, xs, ys, bound)
     with pytest.raises(CertificationError, match="other operations than its traced graph"):
         evaluate(model, LipschitzBound(model, (4,)), [(xs, ys)], [1.0])
+
+
+# -- red-team round 3: ways around the defences above -----------------------------------------
+def test_augmented_assignment_in_a_residual_block_is_accepted() -> None:
+    class Block(nn.Module):  # torchvision's BasicBlock ends with `out += identity`
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.fc = head()
+
+        def forward(self, x):
+            out = self.lin(x)
+            out += x
+            out *= 0.5
+            return self.fc(out)
+
+    model = Block()
+    assert float(certify(model, X, Y, LipschitzBound(model, (4,)))[0]) >= 0
+
+
+@pytest.mark.parametrize("wrap", ["data_parallel", "compile"])
+def test_wrapped_batch_size_branch_is_caught(wrap) -> None:
+    model = BatchSizeBranch()
+    if wrap == "compile":
+        model = torch.compile(model, backend="eager")
+    else:
+        model = nn.DataParallel(model)
+    bound = LipschitzBound(model, (4,))
+    with pytest.raises(CertificationError, match="other operations than its traced graph"):
+        certify(model, X.repeat(32, 1), Y.repeat(32), bound)
+
+
+def test_lookalike_wrappers_are_traced_as_themselves() -> None:
+    class Wrapper(nn.Module):  # stores its model where torch.compile would
+        def __init__(self) -> None:
+            super().__init__()
+            self._orig_mod = nn.Sequential(head())
+
+        def forward(self, x):
+            return self._orig_mod(guard(x))
+
+    with pytest.raises(REFUSED):
+        LipschitzBound(Wrapper(), (4,))
+
+
+def _refused_while(patch, undo) -> None:
+    patch()
+    try:
+        assert_refused(nn.Sequential(head()), "monkey-patch")
+    finally:
+        undo()
+
+
+def test_shadowing_a_tensor_method_is_refused() -> None:
+    assert "relu" not in vars(torch.Tensor)
+    _refused_while(
+        lambda: setattr(torch.Tensor, "relu", lambda self: torch._C.TensorBase.relu(self) * 3),
+        lambda: delattr(torch.Tensor, "relu"),
+    )
+
+
+def test_replacing_the_functional_module_a_layer_reads_is_refused() -> None:
+    import types
+
+    linear_module = __import__("torch.nn.modules.linear", fromlist=["F"])
+    shim = types.SimpleNamespace(linear=lambda x, w, b=None: F.linear(guard(x), w, b))
+    _refused_while(
+        lambda: setattr(linear_module, "F", shim), lambda: setattr(linear_module, "F", F)
+    )
+
+
+def test_swapping_a_forwards_code_is_refused() -> None:
+    code = nn.Linear.forward.__code__
+
+    def evil(self, input):
+        return F.linear(input * 2, self.weight, self.bias)
+
+    _refused_while(
+        lambda: setattr(nn.Linear.forward, "__code__", evil.__code__),
+        lambda: setattr(nn.Linear.forward, "__code__", code),
+    )
+
+
+def test_partial_claiming_to_wrap_the_original_is_refused() -> None:
+    import functools
+
+    original = F.linear
+    fake = functools.partial(lambda x, w, b=None: original(guard(x), w, b))
+    fake.__wrapped__ = original
+    _refused_while(lambda: setattr(F, "linear", fake), lambda: setattr(F, "linear", original))
+
+
+def test_forged_observer_flag_is_refused() -> None:
+    def scale(module, inputs, output):
+        return output * 10
+
+    scale._lipmargin_observer = True
+    model = nn.Sequential(head())
+    model[0].register_forward_hook(scale)
+    with pytest.raises(UnsupportedOperationError, match="forward hook"):
+        LipschitzBound(model, (4,))
+
+
+def test_observer_that_flips_weights_or_sets_state_is_refused() -> None:
+    model = nn.Sequential(head())
+
+    def flip(module, inputs):
+        with torch.no_grad():
+            module.weight.mul_(-1)
+            module.weight.mul_(-1)
+
+    model[0].register_forward_pre_hook(observer(flip))
+    with pytest.raises(UnsupportedOperationError, match="in place"):
+        LipschitzBound(model, (4,))
+
+    class Net(nn.Module):  # the hook is a method of the model and counts calls on it
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.fc, self.calls = nn.Identity(), head(), 0
+            self.inp.register_forward_hook(observer(self._watch))
+
+        def _watch(self, module, inputs, output):
+            self.calls += 1
+
+        def forward(self, x):
+            x = self.inp(x)
+            return self.fc(x * 0.0 if self.calls > 100 else x)
+
+    with pytest.raises(UnsupportedOperationError, match="changed an attribute"):
+        LipschitzBound(Net(), (4,))

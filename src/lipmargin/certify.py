@@ -28,7 +28,7 @@ from .bounds.checks import (
     recorded_forward,
     traceable,
 )
-from .errors import InputError
+from .errors import CertificationError, InputError
 
 #: Relative slack subtracted from each logit difference: covers float32 rounding of the forward
 #: pass (and float64 rounding of the division). See ``certify``.
@@ -56,9 +56,23 @@ def _forward(model: nn.Module, x: torch.Tensor, cert: CertifiedBound) -> torch.T
     the eager run calls compared with the traced graph's (``checks.check_operations``: a branch
     that only eager code takes, e.g. on the batch size, shows up where it acts)."""
     with torch.no_grad():
-        if cert.operations is None or not _scheduled(cert) or traceable(model) is not model:
+        if cert.operations is None or not _scheduled(cert):
             return model(x)
-        logits, ops = recorded_forward(model, x)
+        inner = traceable(model)
+        if inner is model:
+            logits, ops = recorded_forward(model, x)
+        else:  # torch.compile / DataParallel: the module the trace follows, and the same values
+            logits = model(x)
+            inner_logits, ops = recorded_forward(inner, x)
+            tol = 1e-4 * (1.0 + float(inner_logits.abs().max())) if logits.numel() else 0.0
+            if (
+                logits.shape != inner_logits.shape
+                or float((logits - inner_logits).abs().max()) > tol
+            ):
+                raise CertificationError(
+                    "the wrapped model (torch.compile / DataParallel) computes other logits on "
+                    "this batch than the module it wraps, which the bound covers"
+                )
     check_operations(ops, cert.operations)
     return logits
 

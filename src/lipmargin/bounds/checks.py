@@ -70,11 +70,13 @@ def traceable(model: nn.Module) -> nn.Module:
     """The module behind a ``torch.compile``d model or an ``nn.DataParallel`` /
     ``DistributedDataParallel`` wrapper (they compute the same function, which
     :func:`check_trace` verifies against the wrapper's call); the model itself otherwise."""
+    kind = type(model)
     orig = getattr(model, "_orig_mod", None)
-    if isinstance(orig, nn.Module):
+    compiled = kind.__name__ == "OptimizedModule" and kind.__module__.startswith("torch._dynamo")
+    if compiled and isinstance(orig, nn.Module):
         return orig
     parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    if isinstance(model, parallel) and isinstance(model.module, nn.Module):
+    if kind in parallel and isinstance(model.module, nn.Module):  # torch's own classes only
         return model.module  # splits the batch across devices: the same per-example function
     return model
 
@@ -263,7 +265,7 @@ def _hooks_paused(model: nn.Module, recorder: _OpRecorder) -> Iterator[None]:
 
 def _first_difference(eager: list[Any], graph: list[Any]) -> str:
     for i, (a, b) in enumerate(zip(eager, graph, strict=False)):
-        if a is not b:
+        if _op_key(a) != _op_key(b):
             return f"operation {i + 1}: the model calls {_op_name(a)}, the graph {_op_name(b)}"
     if len(eager) > len(graph):
         return f"after {len(graph)} operations the model goes on with {_op_name(eager[len(graph)])}"
@@ -320,9 +322,20 @@ def full_precision(device_type: str | None = None) -> Iterator[None]:
             obj.allow_tf32 = True
 
 
+def _op_key(func: Any) -> str:
+    """What the operation check compares: the function's name, in-place and out-of-place forms
+    alike (fx traces ``out += x`` as ``out + x``; the mutation and value checks cover aliasing)."""
+    name = str(getattr(func, "__name__", None) or func)
+    if name.startswith("__i") and name.endswith("__") and len(name) > 5:
+        return name[3:-2]  # __iadd__ -> add
+    if name.startswith("__") and name.endswith("__"):
+        return name[2:-2]
+    return name[:-1] if name.endswith("_") else name
+
+
 def check_operations(eager: Sequence[Any], graph: Sequence[Any]) -> None:
     """Raise ``CertificationError`` unless an eager run called the graph's operations."""
-    if list(eager) != list(graph):
+    if [_op_key(f) for f in eager] != [_op_key(f) for f in graph]:
         raise CertificationError(
             "the model runs other operations than its traced graph ("
             + _first_difference(list(eager), list(graph))

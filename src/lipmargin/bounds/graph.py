@@ -42,7 +42,7 @@ from .registry import (
     METHOD_RULES,
     check_unpatched_functions,
     find_module_rule,
-    snapshot_functions,
+    snapshot_namespaces,
 )
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -1231,28 +1231,56 @@ _WEIGHT_HOOKS = tuple(
 )
 
 
+#: the wrappers ``observer`` made (an attribute could be set on any hook by hand)
+_OBSERVERS: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
+
+
 def observer(hook: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a forward (pre-)hook that only observes (logs, records activations) so that a model
     carrying it can be certified: the wrapper refuses, at run time, any return value (a value
-    would replace the module's input or output). Hooks that modify tensors in place are not
-    observers."""
+    would replace the module's input or output), any in-place write to the module's input,
+    output, parameters or buffers, and any change of the module's attributes (state its
+    forward could read). Hooks that modify tensors or the module are not observers."""
 
-    def wrapped(*args: Any) -> None:
-        tensors = [t for t in tree_flatten(args[1:])[0] if isinstance(t, torch.Tensor)]
+    def wrapped(module: nn.Module, *args: Any) -> None:
+        tensors = [
+            *(t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)),
+            *module.parameters(recurse=False),
+            *module.buffers(recurse=False),
+        ]
         versions = [t._version for t in tensors]
-        if hook(*args) is not None:
+        extra = [owner] if isinstance(owner, nn.Module) and owner is not module else []
+        owners = [module, *extra]
+        states = [dict(vars(m)) for m in owners]
+        if hook(module, *args) is not None:
             raise UnsupportedOperationError(
                 "a hook wrapped in lipmargin.bounds.observer returned a value: it changes what "
                 "the module computes"
             )
         if any(t._version != v for t, v in zip(tensors, versions, strict=True)):
             raise UnsupportedOperationError(
-                "a hook wrapped in lipmargin.bounds.observer modified a module's input or "
-                "output in place: it changes what the module computes"
+                "a hook wrapped in lipmargin.bounds.observer modified a module's input, output "
+                "or weights in place: it changes what the module computes"
             )
+        for m, state in zip(owners, states, strict=True):
+            now = vars(m)
+            if now.keys() != state.keys() or any(now[k] is not v for k, v in state.items()):
+                raise UnsupportedOperationError(
+                    "a hook wrapped in lipmargin.bounds.observer changed an attribute of a "
+                    "module (state a forward may read): keep what it records outside the model"
+                )
 
-    wrapped._lipmargin_observer = True  # type: ignore[attr-defined]
+    #: a hook that is a method of a module (``self._watch``) may write to that module too
+    owner = getattr(hook, "__self__", None)
+    _OBSERVERS.add(wrapped)
     return wrapped
+
+
+def _is_observer(hook: Any) -> bool:
+    try:
+        return hook in _OBSERVERS
+    except TypeError:  # not hashable or not weakly referenceable: not one of ours
+        return False
 
 
 def _global_hooks() -> list[Any]:
@@ -1286,7 +1314,7 @@ def _check_hooks(model: nn.Module) -> None:
         weight_hooks = [h for h in m._forward_pre_hooks.values() if isinstance(h, _WEIGHT_HOOKS)]
         hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
         for h in hooks:
-            if not any(h is w for w in weight_hooks) and not getattr(h, "_lipmargin_observer", 0):
+            if not any(h is w for w in weight_hooks) and not _is_observer(h):
                 raise UnsupportedOperationError(
                     f"module {name or 'model'!r} has a forward hook ({getattr(h, '__name__', h)}): "
                     "hooks change what the module computes and no rule covers them; remove it, "
@@ -1397,4 +1425,4 @@ def _batch_variance_hook(module: nn.Module, inputs: tuple[Any, ...], output: Any
 
 
 # torch's functions as they are when lipmargin is imported (registry: monkey-patches)
-snapshot_functions(F, torch, torch.Tensor)
+snapshot_namespaces(F, torch, torch.Tensor)

@@ -14,7 +14,10 @@ Register a rule for your own operation with one of the decorators::
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+import sysconfig
 import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -100,9 +103,58 @@ _NATIVE = (
     types.GetSetDescriptorType,
     types.MemberDescriptorType,
 )
-#: per class, its methods when registered and whether they were torch's own (torch classes)
-_CLASS_SNAPSHOTS: dict[type, dict[str, tuple[Any, bool]]] = {}
-_FUNCTIONS_BY_NAMESPACE: dict[Any, list[tuple[str, Any]]] = {}
+#: per class, its methods when registered (with their code objects) and whether they were
+#: torch's own (torch classes)
+_CLASS_SNAPSHOTS: dict[type, dict[str, tuple[Any, Any, bool]]] = {}
+#: per namespace (torch.nn.functional, torch, torch.Tensor, the modules of the classes rules
+#: cover): its functions, classes and modules when remembered, with their code objects
+_NAMESPACES: dict[Any, list[tuple[str, Any, Any]]] = {}
+#: per namespace, the names it had (a new name on torch.Tensor shadows TensorBase's method)
+_NAMES: dict[Any, frozenset[str]] = {}
+#: entries that were not torch's own when remembered (patched before lipmargin was imported)
+_FOREIGN: list[str] = []
+
+
+def _in_torch(filename: str) -> bool:
+    return os.path.abspath(filename).startswith(_TORCH_DIR + os.sep)
+
+
+def _from_torch(fn: Any) -> bool:
+    """Implemented by torch: a native function or descriptor of a torch module, a Python
+    function in a file of torch's package (a wrapper applied with ``functools.wraps`` keeps the
+    wrapped function's ``__module__``, not its file), or an instance of a torch class."""
+    if isinstance(fn, (staticmethod, classmethod)):
+        return _from_torch(fn.__func__)
+    if isinstance(fn, types.FunctionType):
+        return _in_torch(fn.__code__.co_filename)
+    if isinstance(fn, types.BuiltinFunctionType):
+        return str(getattr(fn, "__module__", None) or "torch").startswith("torch")
+    if isinstance(fn, _NATIVE):
+        owner = getattr(fn, "__objclass__", None)
+        return owner is None or str(owner.__module__).startswith("torch")
+    kind = type(fn)  # a callable object (functools.partial, ...): its class must be torch's
+    if not kind.__module__.startswith("torch"):
+        return False
+    code = getattr(getattr(kind, "__call__", None), "__code__", None)  # noqa: B004
+    return code is None or _in_torch(code.co_filename)
+
+
+#: where installed libraries live (the standard library, site-packages): code elsewhere is the
+#: user's own
+_LIBRARY_DIRS = tuple(
+    os.path.abspath(p) + os.sep
+    for key in ("stdlib", "platstdlib", "purelib", "platlib")
+    if (p := sysconfig.get_paths().get(key))
+)
+
+
+def _user_code(value: Any) -> bool:
+    """A Python function (or a partial of one) defined outside torch and outside installed
+    libraries: in torch's namespaces when lipmargin is imported, a patch made before."""
+    fn = value.func if isinstance(value, functools.partial) else value
+    if not isinstance(fn, types.FunctionType) or _from_torch(fn):
+        return isinstance(value, functools.partial) and not _from_torch(value)
+    return not os.path.abspath(fn.__code__.co_filename).startswith(_LIBRARY_DIRS)
 
 
 def _snapshot_class(cls: type) -> None:
@@ -111,44 +163,31 @@ def _snapshot_class(cls: type) -> None:
             continue
         torch_class = c.__module__.startswith("torch")
         _CLASS_SNAPSHOTS[c] = {
-            k: (v, not torch_class or _from_torch(v)) for k, v in vars(c).items() if callable(v)
+            k: (v, getattr(v, "__code__", None), not torch_class or _from_torch(v))
+            for k, v in vars(c).items()
+            if callable(v)
         }
-
-
-def _from_torch(fn: Any) -> bool:
-    """Implemented by torch: native code, or Python code in a file of torch's package (a
-    wrapper applied with ``functools.wraps`` keeps the wrapped function's ``__module__``, not
-    its file)."""
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        if isinstance(fn, (staticmethod, classmethod)):
-            return _from_torch(fn.__func__)
-        call = getattr(type(fn), "__call__", None)  # noqa: B004
-        if isinstance(fn, _NATIVE) or call is None or isinstance(call, _NATIVE):
-            return True  # native (C++) functions and descriptors
-        code = getattr(call, "__code__", None)
-        if code is None:
-            return True
-    return os.path.abspath(code.co_filename).startswith(_TORCH_DIR)
+        module = sys.modules.get(c.__module__)
+        if torch_class and module is not None:  # the globals its methods read (F, torch, ...)
+            snapshot_namespaces(module)
 
 
 def _unchanged(now: Any, then: Any) -> bool:
-    """``now`` is the remembered implementation, or torch's own wrapper of it (torch wraps some
-    of its functions on first use, e.g. ``torch.manual_seed`` when dynamo loads)."""
-    if now is then:  # checked when remembered
-        return True
-    return _from_torch(now) and getattr(now, "__wrapped__", None) is then
+    """``now`` is torch's own wrapper of the remembered ``then`` (torch wraps some of its
+    functions on first use, e.g. ``torch.manual_seed`` when dynamo loads)."""
+    return isinstance(now, types.FunctionType) and _from_torch(now) and now.__wrapped__ is then
 
 
 def check_unpatched_class(kind: type, registered: type) -> None:
     """Raise ``UnsupportedOperationError`` if a method of ``kind``'s classes down to
-    ``registered`` (whose rule applies) differs from its snapshot."""
+    ``registered`` (whose rule applies) differs from its snapshot (object or code)."""
     from ..errors import UnsupportedOperationError
 
     for c in kind.__mro__:
         snap = _CLASS_SNAPSHOTS.get(c)
-        for name, (fn, from_torch) in (snap or {}).items():
-            if vars(c).get(name) is not fn or not from_torch:
+        for name, (fn, code, from_torch) in (snap or {}).items():
+            now = vars(c).get(name)
+            if now is not fn or getattr(now, "__code__", None) is not code or not from_torch:
                 raise UnsupportedOperationError(
                     f"{c.__module__}.{c.__qualname__}.{name} has been replaced (a monkey-patch): "
                     f"the rule for {registered.__name__} covers its original implementation; "
@@ -158,31 +197,50 @@ def check_unpatched_class(kind: type, registered: type) -> None:
             return
 
 
-def snapshot_functions(*namespaces: Any) -> None:
-    """Remember the public functions of ``namespaces`` (``torch.nn.functional``, ...)."""
+def snapshot_namespaces(*namespaces: Any) -> None:
+    """Remember the functions, classes and modules of ``namespaces``."""
     for ns in namespaces:
-        for name, fn in list(vars(ns).items()):
-            if (
-                callable(fn)
-                and not isinstance(fn, type)
-                and not name.startswith("__")
-                and _from_torch(fn)
+        if ns in _NAMESPACES:
+            continue
+        entries = []
+        for name, value in list(vars(ns).items()):
+            if name.startswith("__") or not (
+                callable(value) or isinstance(value, types.ModuleType)
             ):
-                _FUNCTIONS_BY_NAMESPACE.setdefault(ns, []).append((name, fn))
+                continue
+            entries.append((name, value, getattr(value, "__code__", None)))
+            if _user_code(value):
+                _FOREIGN.append(f"{getattr(ns, '__name__', ns)}.{name}")
+        _NAMESPACES[ns] = entries
+        _NAMES[ns] = frozenset(vars(ns))
 
 
 def check_unpatched_functions() -> None:
-    """Raise ``UnsupportedOperationError`` if a remembered function was replaced since, or a
-    torch function comes from outside torch."""
+    """Raise ``UnsupportedOperationError`` if a remembered entry was replaced since (object or
+    code), was not torch's own when remembered, or a new name on ``torch.Tensor`` shadows a
+    method of its base class."""
     from ..errors import UnsupportedOperationError
 
-    changed = []  # the fast path: identity only
-    for ns, entries in _FUNCTIONS_BY_NAMESPACE.items():
-        get = vars(ns).get
-        changed += [(ns, name, fn) for name, fn in entries if get(name) is not fn]
-    for ns, name, fn in changed:
-        if not _unchanged(getattr(ns, name, None), fn):
-            raise UnsupportedOperationError(
-                f"{ns.__name__}.{name} has been replaced (a monkey-patch): the rules cover "
-                "torch's own implementation; undo the patch to certify"
-            )
+    def refuse(what: str) -> None:
+        raise UnsupportedOperationError(
+            f"{what} has been replaced (a monkey-patch): the rules cover torch's own "
+            "implementation; undo the patch to certify"
+        )
+
+    if _FOREIGN:
+        refuse(_FOREIGN[0])
+    for ns, entries in _NAMESPACES.items():  # the fast path: identities only
+        table = vars(ns)
+        get = table.get
+        for name, value, code in entries:
+            now = get(name)
+            if now is not value:
+                if not _unchanged(now, value):
+                    refuse(f"{getattr(ns, '__name__', ns)}.{name}")
+            elif code is not None and now.__code__ is not code:
+                refuse(f"{getattr(ns, '__name__', ns)}.{name}")
+        if len(table) != len(_NAMES[ns]) and ns is _torch.Tensor:
+            base = _torch._C.TensorBase
+            for name in set(table) - _NAMES[ns]:
+                if hasattr(base, name):
+                    refuse(f"torch.Tensor.{name} (shadowing torch._C.TensorBase.{name})")
