@@ -359,6 +359,7 @@ README_ROWS = [
     "c4f3-be4-held",
     "c4f3-be4-held-lanczos",
     "c4f3-be6-held-lanczos",
+    "c4f3-be8-held-lanczos",
     "c4f3-lr3e-4",
     "c4f3-lr3e-4-ema",
     "c4f3-best-be4-held-lanczos",
