@@ -470,3 +470,82 @@ def test_other_products_get_no_silu_hint() -> None:
     with pytest.raises(UnsupportedOperationError, match="multiplies") as info:
         bound(Fn(lambda x: x * torch.tanh(x)), (4,))
     assert "SiLU" not in str(info.value)
+
+
+# ------------------------------------------------ permutations and maxima (session 7)
+class _ConvThen(nn.Module):
+    """conv -> op -> flatten: the op's rule against the exact norm of the whole map."""
+
+    def __init__(self, op, c_out: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(2, c_out, 3, padding=1)
+        self.op = op
+
+    def forward(self, x):
+        return self.op(self.conv(x))
+
+
+PERMUTATIONS = [
+    ("flip", lambda h: torch.flip(h, (2, 3))),
+    ("flip method", lambda h: h.flip(-1)),
+    ("fliplr", lambda h: torch.fliplr(h)),
+    ("roll", lambda h: torch.roll(h, shifts=(1, 2), dims=(2, 3))),
+    ("roll method", lambda h: h.roll(3, -1)),
+    ("rot90", lambda h: torch.rot90(h, 1, (2, 3))),
+    ("pixel_shuffle", nn.PixelShuffle(2)),
+    ("pixel_unshuffle", nn.PixelUnshuffle(2)),
+    ("F.pixel_shuffle", lambda h: F.pixel_shuffle(h, 2)),
+    ("channel_shuffle", nn.ChannelShuffle(2)),
+]
+
+
+@pytest.mark.parametrize("name,op", PERMUTATIONS, ids=[p[0] for p in PERMUTATIONS])
+def test_permutations_keep_the_exact_norm(name, op) -> None:
+    fn = op if isinstance(op, nn.Module) else Fn(op)
+    with_op = check_exact(_ConvThen(fn).double(), (2, 6, 6), exact=False)[0]
+    without = bound(_ConvThen(nn.Identity()).double(), (2, 6, 6))  # the conv's own bound
+    assert with_op == pytest.approx(without, rel=1e-9)
+
+
+def test_flip_over_the_batch_is_refused() -> None:
+    with pytest.raises(Exception, match="depends on the other examples|batch"):
+        LipschitzBound(nn.Sequential(Fn(lambda x: torch.flip(x, (0,))), nn.Flatten()), (3,))
+
+
+MAXIMA = [
+    ("maximum of two maps", lambda h: torch.maximum(h[:, :2], h[:, 2:])),
+    ("minimum with a constant", lambda h: torch.minimum(h, torch.zeros(1))),
+    ("amax over channels", lambda h: h.amax(1)),
+    ("amin over space", lambda h: torch.amin(h, (2, 3))),
+    ("max over dim, values", lambda h: torch.max(h, 1)[0]),
+    ("max method over dim", lambda h: h.max(dim=-1)[0]),
+    ("max of two maps", lambda h: torch.max(h[:, :2], h[:, 2:])),
+]
+
+
+@pytest.mark.parametrize("name,op", MAXIMA, ids=[m[0] for m in MAXIMA])
+def test_maxima_are_bounded(name, op) -> None:
+    model = _ConvThen(Fn(op)).double()
+    value = bound(model, (2, 5, 5))
+    for seed in range(5):  # a local Jacobian norm is a lower bound of the Lipschitz constant
+        assert value >= jacobian_norm(model, (2, 5, 5), seed=seed) * (1 - REL)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda x: x.amax(0, keepdim=True),
+        lambda x: torch.amin(x, (0, 1), keepdim=True),
+        lambda x: torch.max(x, 0, keepdim=True)[0],
+        lambda x: x.min(dim=0, keepdim=True)[0],
+    ],
+)
+def test_maxima_over_the_batch_are_refused(op) -> None:
+    with pytest.raises(UnsupportedOperationError, match="batch dimension"):
+        LipschitzBound(nn.Sequential(Fn(op), nn.Flatten()), (3, 4))
+
+
+def test_max_indices_are_refused() -> None:
+    with pytest.raises(UnsupportedOperationError, match="non-floating"):
+        LipschitzBound(nn.Sequential(Fn(lambda x: torch.max(x, 1)[1].float())), (3, 4))

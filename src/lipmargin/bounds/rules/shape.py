@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx
@@ -286,3 +286,70 @@ register_method("abs_", "absolute_")(identity)
 register_method("clamp_", "clip_")(clamp)
 register_method("clamp_min_")(clamp_min)
 register_method("clamp_max_")(clamp_max)
+
+
+# --- permutations of entries: isometries (session 7) ------------------------------------------
+# Flips, rolls, rotations by 90 degrees and pixel / channel shuffles move entries without
+# changing them: ``||P x|| = ||x||``, Lipschitz constant 1, exact. Along the batch axis they
+# would mix examples: the trace check's batch-independence test refuses that.
+register_module(nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)(identity)
+register_function(
+    torch.flip,
+    torch.fliplr,
+    torch.flipud,
+    torch.roll,
+    torch.rot90,
+    F.pixel_shuffle,
+    F.pixel_unshuffle,
+    torch.pixel_shuffle,
+    torch.pixel_unshuffle,
+    torch.channel_shuffle,
+    torch.nn.functional.channel_shuffle,
+)(identity)
+register_method("flip", "fliplr", "flipud", "roll", "rot90")(identity)
+
+
+# --- maxima and minima of maps (session 7) -----------------------------------------------------
+@register_function(torch.maximum, torch.minimum, torch.fmax, torch.fmin)
+@register_method("maximum", "minimum", "fmax", "fmin")
+def maximum(ctx: WalkContext, node: Node) -> torch.Tensor:
+    """Entrywise maximum / minimum of two maps: ``_max_like`` (root of the sum of squares of
+    their constants, with broadcast copies)."""
+    a = _args(ctx, node, ["input", "other"], {})
+    return _max_like(ctx, node, [a["input"], a["other"]])
+
+
+def _group_max(ctx: WalkContext, node: Node, dim: Any) -> torch.Tensor:
+    """The maximum (or minimum) of each group of entries along ``dim``: the groups are
+    disjoint, ``|max a_g - max b_g| <= max |a_g - b_g| <= ||a_g - b_g||``, and summing squares
+    over the groups gives Lipschitz constant 1. Over the batch axis (or all axes) it would
+    mix examples: refused."""
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    ndim = len(ctx.shape(node.args[0])) + 1
+    if dim is None or not dims or any(not isinstance(d, int) or d % ndim == 0 for d in dims):
+        raise UnsupportedOperationError(
+            f"node {node.name!r}: a maximum / minimum over the batch dimension (or all "
+            "dimensions) mixes the examples of a batch"
+        )
+    return _first(ctx, node)
+
+
+@register_function(torch.amax, torch.amin)
+@register_method("amax", "amin")
+def amax(ctx: WalkContext, node: Node) -> torch.Tensor:
+    a = _args(ctx, node, ["input", "dim", "keepdim"], {"dim": (), "keepdim": False})
+    return _group_max(ctx, node, a["dim"])
+
+
+@register_function(torch.max, torch.min)
+@register_method("max", "min")
+def max_or_min(ctx: WalkContext, node: Node) -> torch.Tensor:
+    """``torch.max(x, dim)`` (values and indices: selecting the indices is refused by
+    ``getitem``), ``torch.max(x, other)`` (entrywise: ``_max_like``); ``torch.max(x)`` reduces
+    over the batch: refused."""
+    second = (
+        node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("other"))
+    )
+    if isinstance(second, Node):
+        return _max_like(ctx, node, [node.args[0], second])
+    return _group_max(ctx, node, second)
