@@ -220,8 +220,10 @@ def test_certify_refuses_inputs_that_are_subclasses_and_function_modes() -> None
     model = nn.Sequential(head())
     bound = LipschitzBound(model, (4,))
 
-    class Sub(torch.Tensor):
-        pass
+    class Sub(torch.Tensor):  # its own operations
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            return super().__torch_function__(func, types, args, kwargs)
 
     with pytest.raises(InputError, match="tensor subclass"):
         certify(model, X.as_subclass(Sub), Y, bound)
@@ -420,3 +422,62 @@ def test_observer_that_flips_weights_or_sets_state_is_refused() -> None:
 
     with pytest.raises(UnsupportedOperationError, match="changed an attribute"):
         LipschitzBound(Net(), (4,))
+
+
+# -- false refusals the defences above must not make (session 7's third check) ----------------
+def test_ordinary_models_and_usages_still_certify() -> None:
+    class Typed(nn.Module):  # a __call__ that only passes through (for type hints)
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = head()
+
+        def forward(self, x):
+            return self.fc(x)
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            return super().__call__(x)
+
+    class Casts(Typed):  # float64 data from numpy, a float32 model that casts it
+        def forward(self, x):
+            return self.fc(x.float())
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+            self.fc = head()
+
+        def forward(self, x):
+            return self.fc(self.inner(x) + x)
+
+    log = []
+    observed = Block()
+    observed.inner.register_forward_hook(observer(lambda m, i, o: log.append(o.detach().norm())))
+    traced = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), head()))
+    for model, x in [
+        (Typed(), X),
+        (Casts(), X.double()),
+        (observed, X),  # an observer on a module fx traces through
+        (traced, X),  # a GraphModule: its class's own __call__
+        (nn.Sequential(head()), nn.Parameter(X)),
+    ]:
+        assert certify(model, x, Y, LipschitzBound(model, (4,)))[0] >= 0
+    assert log
+
+
+def test_patching_torch_load_does_not_block_certificates() -> None:
+    import functools
+
+    original = torch.load
+    torch.load = functools.partial(original, weights_only=False)
+    try:
+        model = nn.Sequential(head())
+        assert certify(model, X, Y, LipschitzBound(model, (4,)))[0] > 0
+    finally:
+        torch.load = original
+
+
+def test_inference_mode_gets_a_clear_error() -> None:
+    model = nn.Sequential(head())
+    with torch.inference_mode(), pytest.raises(REFUSED):
+        LipschitzBound(model, (4,)).certified()

@@ -54,7 +54,20 @@ def _scheduled(cert: CertifiedBound) -> bool:
 def _forward(model: nn.Module, x: torch.Tensor, cert: CertifiedBound) -> torch.Tensor:
     """The logits (no gradients); on the batches the self-checks look at, with the operations
     the eager run calls compared with the traced graph's (``checks.check_operations``: a branch
-    that only eager code takes, e.g. on the batch size, shows up where it acts)."""
+    that only eager code takes, e.g. on the batch size, shows up where it acts). A forward that
+    fails on inputs of another dtype than the model's gets a clear error."""
+    try:
+        return _checked_forward(model, x, cert)
+    except RuntimeError as exc:
+        dtype = model_dtype(model)
+        if dtype is None or dtype == x.dtype or "dtype" not in str(exc).lower():
+            raise
+        raise InputError(
+            f"inputs are {x.dtype} but the model is {dtype}: convert them with x.to({dtype})"
+        ) from exc
+
+
+def _checked_forward(model: nn.Module, x: torch.Tensor, cert: CertifiedBound) -> torch.Tensor:
     with torch.no_grad():
         if cert.operations is None or not _scheduled(cert):
             return model(x)
@@ -122,14 +135,25 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
+def _plain(x: torch.Tensor) -> bool:
+    """A tensor whose operations are torch's own: ``torch.Tensor``, ``nn.Parameter``, or a
+    subclass that overrides neither ``__torch_function__`` nor ``__torch_dispatch__``."""
+    kind = type(x)
+    if kind in (torch.Tensor, nn.Parameter):
+        return True
+    plain = (torch.Tensor.__torch_function__, torch._C._disabled_torch_function_impl)
+    function = getattr(kind.__torch_function__, "__func__", kind.__torch_function__)
+    plain_functions = [getattr(f, "__func__", f) for f in plain]
+    dispatch = getattr(kind, "__torch_dispatch__", None)
+    return function in plain_functions and dispatch in (None, torch.Tensor.__torch_dispatch__)
+
+
 def _function_modes() -> list:
     get = getattr(torch.overrides, "_get_current_function_mode_stack", None)
     return list(get()) if get is not None else []
 
 
-def _check_batch(
-    x: torch.Tensor, y: torch.Tensor, cert: CertifiedBound, dtype: torch.dtype | None = None
-) -> None:
+def _check_batch(x: torch.Tensor, y: torch.Tensor, cert: CertifiedBound) -> None:
     """Refuse inputs the certificate does not cover: another shape than the bound's (convolution
     and pooling norms depend on the input size), half precision (the margin slack covers
     float32/float64 rounding only), a forward pass under autocast."""
@@ -145,7 +169,7 @@ def _check_batch(
             f"for {tuple(cert.input_shape)}: build LipschitzBound(model, input_shape="
             f"{tuple(x.shape[1:])}) to certify them"
         )
-    if type(x) is not torch.Tensor:
+    if not _plain(x):
         raise InputError(
             f"x is a {type(x).__name__}, a tensor subclass: its own operations are not what the "
             "bound covers; pass a plain tensor (x.as_subclass(torch.Tensor))"
@@ -154,10 +178,6 @@ def _check_batch(
         raise InputError(
             f"inputs are {x.dtype}: certificates cover float32/float64 forward passes only "
             "(the margin slack covers their rounding); convert with x.float()"
-        )
-    if dtype is not None and x.dtype != dtype:
-        raise InputError(
-            f"inputs are {x.dtype} but the model is {dtype}: convert them with x.to({dtype})"
         )
     modes = [m for m in _function_modes() if not isinstance(m, DeviceContext)]
     if modes:
@@ -265,7 +285,7 @@ def certify(
     """
     _check_same_model(model, bound)
     cert = _resolve(bound, allow_estimate)
-    _check_batch(x, y, cert, model_dtype(model))
+    _check_batch(x, y, cert)
     with eval_mode(model), full_precision(x.device.type):
         logits = _forward(model, x, cert)
         # first the radii (they refuse non-finite logits, bad labels and rtol with InputError),
@@ -333,10 +353,9 @@ def evaluate(
     _check_same_model(model, bound)
     cert = _resolve(bound, allow_estimate=False)
     radii, correct = [], []
-    dtype = model_dtype(model)
     with eval_mode(model), full_precision():  # the batches' device is not known yet
         for xb, yb in batches:
-            _check_batch(xb, yb, cert, dtype)
+            _check_batch(xb, yb, cert)
             logits = _forward(model, xb, cert)
             batch_radii = radii_from_logits(logits, yb, cert, rtol=rtol)  # InputError first
             _self_check(model, xb, cert, logits)

@@ -81,6 +81,12 @@ def traceable(model: nn.Module) -> nn.Module:
     return model
 
 
+def version_of(t: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place write); None for inference-mode
+    tensors, which have none."""
+    return None if t.is_inference() else t._version
+
+
 def _clone(v: Any) -> Any:
     return v.clone() if isinstance(v, torch.Tensor) else v
 
@@ -379,13 +385,13 @@ def check_trace(
     x = x.to(device=device, dtype=dtype)
     rel = 1e-12 if dtype == torch.float64 else 1e-5
     graph_ops = _OpRecorder(x)
-    version = x._version
+    version = version_of(x)
     inner = traceable(model)
     with eval_mode(model), torch.no_grad(), full_precision(x.device.type):
         first, eager_ops = recorded_forward(model, x)
         if inner is not model:  # torch.compile / DataParallel: the module the trace follows
             _, eager_ops = recorded_forward(inner, x)
-        if x._version != version:
+        if version_of(x) != version:
             raise CertificationError(
                 "the model's forward modifies its input in place (e.g. x.relu_(), x.clamp_(), "
                 "x += ... on the input): it would overwrite the data being certified; use the "

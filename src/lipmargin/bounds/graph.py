@@ -1243,12 +1243,14 @@ def observer(hook: Callable[..., Any]) -> Callable[..., Any]:
     forward could read). Hooks that modify tensors or the module are not observers."""
 
     def wrapped(module: nn.Module, *args: Any) -> None:
+        if torch.fx._symbolic_trace.is_fx_tracing():  # a hook on a module fx traces through
+            return  # would put the hook's operations into the graph
         tensors = [
             *(t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)),
             *module.parameters(recurse=False),
             *module.buffers(recurse=False),
         ]
-        versions = [t._version for t in tensors]
+        versions = [checks.version_of(t) for t in tensors]
         extra = [owner] if isinstance(owner, nn.Module) and owner is not module else []
         owners = [module, *extra]
         states = [dict(vars(m)) for m in owners]
@@ -1257,7 +1259,7 @@ def observer(hook: Callable[..., Any]) -> Callable[..., Any]:
                 "a hook wrapped in lipmargin.bounds.observer returned a value: it changes what "
                 "the module computes"
             )
-        if any(t._version != v for t, v in zip(tensors, versions, strict=True)):
+        if any(checks.version_of(t) != v for t, v in zip(tensors, versions, strict=True)):
             raise UnsupportedOperationError(
                 "a hook wrapped in lipmargin.bounds.observer modified a module's input, output "
                 "or weights in place: it changes what the module computes"
@@ -1289,10 +1291,6 @@ def _global_hooks() -> list[Any]:
     return [h for h in hooks if h is not _batch_variance_hook]
 
 
-#: ``__call__`` of modules that call ``forward`` and nothing else that computes
-_PLAIN_CALLS = (nn.Module.__call__, torch.fx.GraphModule.__call__)
-
-
 def _check_hooks(model: nn.Module) -> None:
     """Forward hooks change what a module computes in ways no rule sees (a hook may act only
     on some inputs, where no check looks): refused, except the weight-recomputing pre-hooks of
@@ -1303,13 +1301,6 @@ def _check_hooks(model: nn.Module) -> None:
             "register_module_forward_hook): it changes what every module computes; remove it "
             "to certify"
         )
-    for name, m in checks.traceable(model).named_modules():
-        if type(m).__call__ not in _PLAIN_CALLS:
-            raise UnsupportedOperationError(
-                f"module {name or 'model'!r} ({type(m).__name__}) overrides __call__: the trace "
-                "follows forward, the model's calls go through __call__; move that code into "
-                "forward"
-            )
     for name, m in model.named_modules():
         weight_hooks = [h for h in m._forward_pre_hooks.values() if isinstance(h, _WEIGHT_HOOKS)]
         hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]

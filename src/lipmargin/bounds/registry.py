@@ -15,7 +15,9 @@ Register a rule for your own operation with one of the decorators::
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+import site
 import sys
 import sysconfig
 import types
@@ -143,18 +145,46 @@ def _from_torch(fn: Any) -> bool:
 #: user's own
 _LIBRARY_DIRS = tuple(
     os.path.abspath(p) + os.sep
-    for key in ("stdlib", "platstdlib", "purelib", "platlib")
-    if (p := sysconfig.get_paths().get(key))
+    for p in (
+        *(sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")),
+        *(site.getsitepackages() if hasattr(site, "getsitepackages") else ()),
+        site.getusersitepackages() if hasattr(site, "getusersitepackages") else None,
+        *(e for e in sys.path if e.rstrip(os.sep).endswith(("site-packages", "dist-packages"))),
+    )
+    if p
 )
 
 
 def _user_code(value: Any) -> bool:
     """A Python function (or a partial of one) defined outside torch and outside installed
-    libraries: in torch's namespaces when lipmargin is imported, a patch made before."""
+    libraries, after unwrapping decorators (``typing_extensions.deprecated`` wraps some of
+    torch's own functions)."""
     fn = value.func if isinstance(value, functools.partial) else value
+    if isinstance(fn, types.FunctionType):
+        fn = inspect.unwrap(fn)
     if not isinstance(fn, types.FunctionType) or _from_torch(fn):
         return isinstance(value, functools.partial) and not _from_torch(value)
     return not os.path.abspath(fn.__code__.co_filename).startswith(_LIBRARY_DIRS)
+
+
+def _native_name(name: str) -> bool:
+    """The name of one of torch's own operations (a native function or a function of
+    ``torch.functional``): a user function under such a name in a torch namespace replaced it
+    (a patch made before lipmargin was imported); other names are the user's own helpers."""
+    natives = (_torch._C._VariableFunctions, _torch._C._nn, _torch._C.TensorBase)
+    return any(hasattr(ns, name) for ns in natives) or name in _torch.functional.__all__
+
+
+def _compute_entry(ns: Any, value: Any) -> bool:
+    """What ``check_unpatched_functions`` watches: in the ``torch`` namespace its operations
+    only (native functions and ``torch.functional``; ``torch.load`` or ``torch.manual_seed``
+    compute nothing a model's forward returns, and users patch them); elsewhere every function,
+    class and module."""
+    if ns is not _torch:
+        return callable(value) or isinstance(value, types.ModuleType)
+    return isinstance(value, types.BuiltinFunctionType) or (
+        isinstance(value, types.FunctionType) and value.__module__ == "torch.functional"
+    )
 
 
 def _snapshot_class(cls: type) -> None:
@@ -204,13 +234,11 @@ def snapshot_namespaces(*namespaces: Any) -> None:
             continue
         entries = []
         for name, value in list(vars(ns).items()):
-            if name.startswith("__") or not (
-                callable(value) or isinstance(value, types.ModuleType)
-            ):
+            if _user_code(value) and _native_name(name):
+                _FOREIGN.append(f"{getattr(ns, '__name__', ns)}.{name}")
+            if name.startswith("__") or not _compute_entry(ns, value):
                 continue
             entries.append((name, value, getattr(value, "__code__", None)))
-            if _user_code(value):
-                _FOREIGN.append(f"{getattr(ns, '__name__', ns)}.{name}")
         _NAMESPACES[ns] = entries
         _NAMES[ns] = frozenset(vars(ns))
 
