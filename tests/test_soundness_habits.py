@@ -207,7 +207,9 @@ def test_data_parallel_wrapper_certifies_its_module() -> None:
     inner = nn.Sequential(head())
     wrapped = nn.DataParallel(inner)
     r_inner = certify(inner, X, Y, LipschitzBound(inner, (4,)))
-    r_wrapped = certify(wrapped, X, Y, LipschitzBound(wrapped, (4,)))
+    bound = LipschitzBound(wrapped, (4,))
+    assert certify(wrapped, X[:0], Y[:0], bound).numel() == 0  # an empty batch, checked
+    r_wrapped = certify(wrapped, X, Y, bound)
     torch.testing.assert_close(r_inner, r_wrapped)
 
 
