@@ -248,8 +248,8 @@ class Reduce(nn.Module):
     def forward(self, x):
         if self.style == "method":
             return getattr(x, self.op)(self.dim, keepdim=self.keepdim)
-        fn = torch.mean if self.op == "mean" else torch.sum
-        return fn(x, dim=self.dim, keepdim=self.keepdim)
+        fn = {"mean": torch.mean, "sum": torch.sum, "amax": torch.amax, "amin": torch.amin}
+        return fn[self.op](x, dim=self.dim, keepdim=self.keepdim)
 
     def extra_repr(self) -> str:
         return f"{self.op}, dim={self.dim}, keepdim={self.keepdim}, style={self.style!r}"
@@ -289,6 +289,14 @@ class Transpose(nn.Module):
             return x.transpose(2, 3)
         if self.style == "torch.transpose":
             return torch.transpose(x, 2, 3)
+        if self.style == "rot90":  # session 7: permutations of entries
+            return torch.rot90(x, 1, (2, 3))
+        if self.style == "flip":
+            return torch.flip(x, (1, 3))
+        if self.style == "roll":
+            return x.roll((1, -2), (2, 3))
+        if self.style == "maximum":  # entrywise maximum of two maps of the input
+            return torch.maximum(x, x.flip(-1))
         return x.permute(0, 1, 3, 2)
 
     def extra_repr(self) -> str:
@@ -757,7 +765,7 @@ def conv_block(draw, shape: tuple[int, ...]) -> dict[str, Any]:
         dims = [1, 2, 3, -1, (2, 3), (1, 2), (1, 2, 3)]
         return {
             "kind": kind,
-            "op": draw(st.sampled_from(["mean", "sum"])),
+            "op": draw(st.sampled_from(["mean", "sum", "amax", "amin"])),
             "dim": draw(st.sampled_from(dims)),
             "style": draw(st.sampled_from(["method", "function"])),
         }
@@ -774,7 +782,11 @@ def conv_block(draw, shape: tuple[int, ...]) -> dict[str, Any]:
     if kind == "transpose":
         return {
             "kind": kind,
-            "style": draw(st.sampled_from(["transpose", "torch.transpose", "permute"])),
+            "style": draw(
+                st.sampled_from(
+                    ["transpose", "torch.transpose", "permute", "rot90", "flip", "roll", "maximum"]
+                )
+            ),
         }
     return {"kind": "dropout"}
 
