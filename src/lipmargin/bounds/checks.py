@@ -2,7 +2,7 @@
 
 The bound is computed on a ``torch.fx`` trace of the model, read functionally (each node's value
 is a pure function of its arguments). Three ways a plain PyTorch model can differ from that
-reading, and the check that catches each (docs/SOUNDNESS.md):
+reading, and the checks that catch them (docs/SOUNDNESS.md):
 
 * **Trace equivalence** (:func:`check_trace`): the eager model and the traced graph, run node by
   node on private copies of every argument (so an in-place write cannot reach another node)
@@ -11,10 +11,13 @@ reading, and the check that catches each (docs/SOUNDNESS.md):
   the trace, hooks that change outputs, and models replaced after tracing. The same run checks
   that the model is deterministic in evaluation mode (``F.dropout`` left active) and that each
   example's output does not depend on the rest of the batch.
-* **Operation check** (inside :func:`check_trace`): the eager call and the graph's run must
-  call the same torch operations in the same order (metadata queries aside). A value-changing
-  branch that only eager code takes (``if not is_fx_tracing()``, ``isinstance(x, Tensor)``,
-  a ``try`` around data-dependent control flow, an overridden ``__call__``) runs operations the
+* **Operation check** (:func:`check_operations`, inside :func:`check_trace` and, through
+  :func:`recorded_forward`, on the batches ``certify`` / ``evaluate`` self-check): the eager
+  call and the graph's run must call the same torch operations on tensors that depend on the
+  input, in the same order (metadata queries, copies, operations on constants and the
+  in-place / out-of-place spelling aside). A value-changing branch that only eager code takes
+  (``if not is_fx_tracing()``, ``isinstance(x, Tensor)``, a ``try`` around data-dependent
+  control flow, a test of the batch size, an overridden ``__call__``) runs operations the
   trace lacks even where it leaves the values unchanged, i.e. at the random inputs above.
 * **Mutation check** (inside :func:`check_trace`): running the graph with ordinary semantics,
   a node's output must not change after it was computed (an in-place operation on a tensor
@@ -25,6 +28,9 @@ reading, and the check that catches each (docs/SOUNDNESS.md):
   must not exceed ``pairwise[t, i]`` (:func:`check_gradients`, in ``certify``/``evaluate``).
   Any local Jacobian norm is a LOWER bound of the true Lipschitz constant, so a violation
   proves the bound wrong, whatever the cause.
+
+Every forward pass these checks and ``certify`` make runs in full float32 precision
+(:func:`full_precision`: no TF32, which cuDNN convolutions use by default on recent GPUs).
 """
 
 from __future__ import annotations
