@@ -256,10 +256,16 @@ def test_functional_conv2d_bound() -> None:
     assert cert.value <= 2.5 * exact
 
 
-def test_non_zero_padding_mode_is_refused() -> None:
+def test_non_zero_padding_mode_is_bounded_as_pad_then_conv() -> None:
+    """(Refused until session 7; now traced through: F.pad's rule times the unpadded conv's.)"""
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten())
-    with pytest.raises(UnsupportedOperationError, match="_0"):
-        LipschitzBound(model, (1, 6, 6)).certified()
+    bound = LipschitzBound(model.double(), (1, 6, 6))
+    assert any(n.target is F.pad for n in bound._graph_module.graph.nodes)
+    conv = model[0]
+    exact = dense_norm(
+        lambda u: F.conv2d(F.pad(u, (1, 1, 1, 1), mode="reflect"), conv.weight), (1, 6, 6)
+    )
+    assert exact <= bound.certified().value <= 2.5 * exact
 
 
 # --------------------------------------------------------------------------- conv + batch norm

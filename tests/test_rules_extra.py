@@ -549,3 +549,35 @@ def test_maxima_over_the_batch_are_refused(op) -> None:
 def test_max_indices_are_refused() -> None:
     with pytest.raises(UnsupportedOperationError, match="non-floating"):
         LipschitzBound(nn.Sequential(Fn(lambda x: torch.max(x, 1)[1].float())), (3, 4))
+
+
+# ------------------------------------------- convolutions with a padding_mode (session 7)
+PADDING_MODES = [
+    (mode, dim, stride, dilation)
+    for mode in ("reflect", "replicate", "circular")
+    for dim, stride, dilation in ((1, 1, 1), (2, 1, 1), (2, 2, 1), (2, 1, 2))
+]
+
+
+@pytest.mark.parametrize("mode,dim,stride,dilation", PADDING_MODES)
+def test_conv_with_padding_mode_is_bounded(mode, dim, stride, dilation) -> None:
+    """Traced through as F.pad then an unpadded convolution: bound >= the exact norm of the
+    (linear) map on its input shape."""
+    torch.manual_seed(5)
+    conv_cls = nn.Conv1d if dim == 1 else nn.Conv2d
+    conv = conv_cls(2, 3, 3, stride=stride, padding=2, dilation=dilation, padding_mode=mode)
+    shape = (2, 9) if dim == 1 else (2, 7, 7)
+    value, ref = check_exact(conv.double(), shape, exact=False)
+    assert value <= 3.0 * ref  # the pad's copies and the conv's norm, multiplied
+
+
+def test_conv_subclass_with_own_forward_and_padding_mode_is_traced_through() -> None:
+    class Mine(nn.Conv2d):  # a user's class: fx traces through its forward, F.pad included
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    torch.manual_seed(6)
+    value, ref = check_exact(
+        Mine(2, 3, 3, padding=1, padding_mode="reflect").double(), (2, 6, 6), exact=False
+    )
+    assert value <= 3.0 * ref

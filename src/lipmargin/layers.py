@@ -130,9 +130,18 @@ class LipmarginTracer(torch.fx.Tracer):
     """A ``torch.fx`` tracer that also treats the classes in :data:`LEAF_MODULES` as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        """True for lipmargin's activation layers, otherwise the default ``torch.fx`` rule."""
+        """True for lipmargin's activation layers, otherwise the default ``torch.fx`` rule
+        (convolutions with a non-zero ``padding_mode`` are traced through)."""
         if isinstance(m, LEAF_MODULES):
             return True
+        if (
+            isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            and getattr(m, "padding_mode", "zeros") != "zeros"
+            and type(m).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+        ):
+            # reflect / replicate / circular padding: traced through, so that the graph holds
+            # its F.pad and an unpadded F.conv*d, each with its own rule
+            return False
         # A class the user registered a rule for (lipmargin.bounds.register_module) must stay one
         # node, or its rule would never be used.
         from lipmargin.bounds.registry import MODULE_RULES
