@@ -8,7 +8,6 @@ in ``certify``.
 
 from __future__ import annotations
 
-import itertools
 import math
 import numbers
 import statistics
@@ -28,6 +27,7 @@ from .bounds.checks import (
     recorded_forward,
     traceable,
 )
+from .bounds.graph import model_dtype
 from .errors import CertificationError, InputError
 
 #: Relative slack subtracted from each logit difference: covers float32 rounding of the forward
@@ -125,14 +125,6 @@ def _check_same_model(model: nn.Module, bound: LipschitzBound | CertifiedBound) 
             "the bound was built for another model: pass LipschitzBound(model, shape) of the "
             "model you certify"
         )
-
-
-def model_dtype(model: nn.Module) -> torch.dtype | None:
-    """The dtype of the model's first floating-point tensor (None if it has none)."""
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        if t.is_floating_point():
-            return t.dtype
-    return None
 
 
 def _plain(x: torch.Tensor) -> bool:

@@ -1313,11 +1313,16 @@ def _check_hooks(model: nn.Module) -> None:
                 )
 
 
-def _dtype_of(model: nn.Module) -> torch.dtype:
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point tensor (None if it has none)."""
     for t in itertools.chain(model.parameters(), model.buffers()):
         if t.is_floating_point():
             return t.dtype
-    return torch.float32
+    return None
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    return model_dtype(model) or torch.float32
 
 
 def _check_tensors(model: nn.Module, *, certify: bool) -> None:
